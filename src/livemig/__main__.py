@@ -1,0 +1,3 @@
+from livemig.cli.main import main
+
+raise SystemExit(main())
