@@ -1,0 +1,140 @@
+"""The Machine: RAM, one vCPU (via an accelerator), serial port, devices, run state.
+
+It owns *what* the VM is and how it starts and stops; it knows nothing of
+migration policy. Run-state changes are reported through ``on_event`` (the
+QMP layer turns them into ``STOP``/``RESUME`` events).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from livemig.machine.accel_device import AccelDevice, AccelDeviceConfig
+from livemig.machine.dirty_log import DirtyLog
+from livemig.machine.guest import GuestConfig
+from livemig.machine.ram import RamBlock
+from livemig.machine.runstate import RunState, check_transition
+from livemig.machine.serial import Serial
+
+MACHINE_TYPE = "livemig-pc-10.0"
+RAM_BLOCK_NAME = "pc.ram"
+
+
+@dataclass
+class MachineConfig:
+    ram_size: int = 128 << 20
+    accel: str = "auto"          # soft | kvm | auto
+    guest: GuestConfig = field(default_factory=GuestConfig)
+    serial_path: str | None = None
+    devices: list[AccelDeviceConfig] = field(default_factory=list)
+    name: str | None = None
+    uuid: str | None = None
+    incoming: bool = False       # -incoming given: start in inmigrate
+    start_paused: bool = False   # -S
+
+
+def kvm_usable() -> tuple[bool, str]:
+    try:
+        from livemig.machine import kvm
+    except ImportError as exc:  # pragma: no cover - kvm module always ships
+        return False, f"kvm support unavailable: {exc}"
+    return kvm.kvm_usable()
+
+
+def choose_accelerator(name: str) -> str:
+    """Resolve ``auto`` to ``kvm`` when /dev/kvm is usable, else ``soft``."""
+    if name == "auto":
+        return "kvm" if kvm_usable()[0] else "soft"
+    if name == "kvm":
+        ok, why = kvm_usable()
+        if not ok:
+            raise ValueError(f"failed to initialize kvm: {why}")
+    elif name != "soft":
+        raise ValueError(f"invalid accelerator {name}")
+    return name
+
+
+class Machine:
+    """One VM. Thread-safe: QMP and migration threads call stop/start."""
+
+    def __init__(self, config: MachineConfig,
+                 on_event: Callable[[str, dict | None], None] | None = None) -> None:
+        self.config = config
+        self.on_event = on_event or (lambda name, data: None)
+        config.guest.validate(config.ram_size)
+        self.accel_name = choose_accelerator(config.accel)
+        self.ram = RamBlock(RAM_BLOCK_NAME, config.ram_size)
+        self.dirty_log = DirtyLog(self.ram.npages)
+        self.serial = Serial(config.serial_path)
+        if self.accel_name == "kvm":
+            from livemig.machine.kvm import KvmAccelerator
+            self.cpu = KvmAccelerator(self.ram, self.dirty_log, self.serial, config.guest)
+        else:
+            from livemig.machine.soft import SoftAccelerator
+            self.cpu = SoftAccelerator(self.ram, self.dirty_log, self.serial, config.guest)
+        self.devices: dict[str, AccelDevice] = {}
+        for dev in config.devices:
+            if dev.id in self.devices:
+                raise ValueError(f"Duplicate device ID '{dev.id}'")
+            self.devices[dev.id] = AccelDevice(dev, incoming=config.incoming)
+        self.uuid_bytes = uuidlib.UUID(config.uuid).bytes if config.uuid else None
+        self._lock = threading.RLock()
+        if config.incoming:
+            self.runstate = RunState.INMIGRATE
+        else:
+            self.cpu.reset()
+            self.runstate = RunState.PRELAUNCH
+        # Whether the guest starts once an incoming migration completes (-S clears it).
+        self.autostart = not config.start_paused
+
+    @property
+    def machine_type(self) -> str:
+        return MACHINE_TYPE
+
+    # -- run state -------------------------------------------------------------
+    def is_running(self) -> bool:
+        return self.runstate is RunState.RUNNING
+
+    def set_runstate(self, new: RunState) -> None:
+        with self._lock:
+            check_transition(self.runstate, new)
+            self.runstate = new
+
+    def vm_start(self) -> None:
+        """Run the guest (QEMU's vm_start): runstate running, RESUME event."""
+        with self._lock:
+            if self.runstate is RunState.RUNNING:
+                return
+            check_transition(self.runstate, RunState.RUNNING)
+            self.cpu.resume()
+            for dev in self.devices.values():
+                dev.vm_state_change(True)
+            self.runstate = RunState.RUNNING
+        self.on_event("RESUME", None)
+
+    def vm_stop(self, state: RunState = RunState.PAUSED) -> bool:
+        """Stop the guest and enter ``state``; STOP event if it was running.
+
+        Returns whether it was running (so a failed migration knows whether
+        to restart it)."""
+        with self._lock:
+            was_running = self.runstate is RunState.RUNNING
+            if was_running:
+                self.cpu.pause()
+                for dev in self.devices.values():
+                    dev.vm_state_change(False)
+            if self.runstate is not state:
+                check_transition(self.runstate, state)
+                self.runstate = state
+        if was_running:
+            self.on_event("STOP", None)
+        return was_running
+
+    def close(self) -> None:
+        self.cpu.close()
+        for dev in self.devices.values():
+            dev.close()
+        self.serial.close()

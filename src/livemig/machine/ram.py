@@ -1,0 +1,64 @@
+"""Guest RAM: one anonymous mapping per RAM block, viewed as pages by numpy.
+
+The mapping is what the accelerator runs the guest on (KVM registers it as a
+memory slot), what the migration source sends pages from, and what the
+destination writes pages into. Page size is fixed at 4 KiB, as on x86.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import numpy as np
+
+TARGET_PAGE_SIZE = 4096
+TARGET_PAGE_BITS = 12
+
+
+class RamBlock:
+    """One RAM block (QEMU's RAMBlock): a named, page-aligned host mapping.
+
+    ``pages`` is a (npages, 4096) uint8 view of the mapping (no copy), so a
+    batch of pages is gathered or scattered with one numpy fancy index.
+    """
+
+    def __init__(self, idstr: str, size_bytes: int) -> None:
+        if size_bytes <= 0 or size_bytes % TARGET_PAGE_SIZE:
+            raise ValueError(f"RAM size must be a positive multiple of {TARGET_PAGE_SIZE}")
+        self.idstr = idstr
+        self.size = size_bytes
+        self.mem = mmap.mmap(-1, size_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.mem)
+        self.bytes = np.frombuffer(self.mem, dtype=np.uint8)
+        self.pages = self.bytes.reshape(-1, TARGET_PAGE_SIZE)
+
+    @property
+    def npages(self) -> int:
+        return self.size // TARGET_PAGE_SIZE
+
+    @property
+    def host_address(self) -> int:
+        """Userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Guest-physical read (addr is an offset in this block), bounds-checked."""
+        if addr < 0 or size < 0 or addr + size > self.size:
+            raise ValueError(f"Invalid addr 0x{addr:x}/size {size} specified")
+        return bytes(self.view[addr:addr + size])
+
+    def write(self, addr: int, data: bytes) -> None:
+        if addr < 0 or addr + len(data) > self.size:
+            raise ValueError(f"Invalid addr 0x{addr:x}/size {len(data)} specified")
+        self.view[addr:addr + len(data)] = data
+
+    def close(self) -> None:
+        # Views must go before the mapping can be closed.
+        del self.pages, self.bytes
+        self.view.release()
+        try:
+            self.mem.close()
+        except BufferError:
+            pass  # a numpy view still alive elsewhere; the GC unmaps it later

@@ -1,0 +1,90 @@
+"""SaveVMHandlers: the one interface between the migration engine and devices.
+
+QEMU's ``include/migration/register.h`` idea in Python. The engine walks
+registered handlers in order; RAM, the vCPU, the serial port and the accel
+device are plugins. Source-side hooks write their section payload to an
+:class:`OutStream`; destination-side hooks receive the wire layer's decoded
+payload events for their section.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from livemig.wire import PayloadKind
+
+
+class OutStream(Protocol):
+    """Where a source handler writes its payload (the engine's buffered writer)."""
+
+    def write(self, data: Any) -> None:
+        """Queue bytes / bytearray / memoryview / C-contiguous uint8 ndarray."""
+
+    def rate_exceeded(self) -> bool:
+        """True once this bandwidth window's budget is spent (stop iterating)."""
+
+
+class LoadContext(Protocol):
+    """What the destination engine offers a device while it loads."""
+
+    def approve_switchover(self, handler: "SaveVMHandlers") -> None:
+        """Called (from any thread) once the device is ready for switchover."""
+
+    def switchover_ack_enabled(self) -> bool: ...
+
+
+class SaveVMHandlers:
+    """Base class: override what the device needs. Units: bytes.
+
+    ``iterable`` devices get START/PART/END sections (``save_setup``,
+    ``save_live_iterate``, ``save_live_complete_precopy``); the others one FULL
+    section from ``save_state``.
+    """
+
+    idstr: str = ""
+    instance_id: int = 0
+    version_id: int = 1
+    payload_kind: PayloadKind = PayloadKind.BLOB
+    iterable: bool = False
+
+    # -- source -----------------------------------------------------------------
+    def save_setup(self, out: OutStream) -> None: ...
+
+    def state_pending_estimate(self) -> int:
+        """Bytes still to send, cheaply (no dirty-log sync)."""
+        return 0
+
+    def state_pending_exact(self) -> int:
+        """Bytes still to send after a dirty-log sync (RAM syncs here)."""
+        return self.state_pending_estimate()
+
+    def save_live_iterate(self, out: OutStream) -> bool:
+        """Send one round of data; True when nothing is left to send right now."""
+        return True
+
+    def save_live_complete_precopy(self, out: OutStream) -> None: ...
+
+    def save_state(self, out: OutStream) -> None: ...
+
+    def save_cleanup(self) -> None: ...
+
+    def switchover_ack_needed(self) -> bool:
+        """True if this device will approve switchover on the destination."""
+        return False
+
+    # -- destination ------------------------------------------------------------
+    def load_setup(self, ctx: LoadContext) -> None: ...
+
+    def load_event(self, event: Any) -> None:
+        """One decoded payload event of this device's section."""
+
+    def load_section_done(self, section_type: str) -> None:
+        """End of one section (``start``, ``part``, ``end`` or ``full``) of this device."""
+
+    def load_complete(self) -> None:
+        """All state is in (after EOF), before the guest may run; raise to refuse."""
+
+    def load_cleanup(self) -> None: ...
+
+
+EventCallback = Callable[[str, dict | None], None]

@@ -1,0 +1,301 @@
+"""The destination side: IncomingState and the load thread.
+
+QEMU's process_incoming_migration / qemu_loadvm_state: accept the main
+channel, decode the stream (``livemig.wire``), hand each section's payload
+to its handler, answer the return path, count switchover-ack approvals, and
+start the guest only when everything loaded. A failed load never runs the
+guest; the reason goes back to the source on the return path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid as uuidlib
+from typing import Any, Callable
+
+from livemig.machine.runstate import RunState
+from livemig.machine.vmstate import SaveVMHandlers
+from livemig.migration.global_state import GlobalStateHandler
+from livemig.migration.return_path import DestinationReturnPath
+from livemig.migration.savevm import destination_handlers, find_handler, payload_kinds
+from livemig.migration.status import MigrationStatus as S
+from livemig.migration.status import StatusMachine
+from livemig.transport import TransportError, listen
+from livemig.wire import (
+    MIG_CMD_OPEN_RETURN_PATH,
+    MIG_CMD_PING,
+    NEED_DATA,
+    Command,
+    Configuration,
+    Eof,
+    Header,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    StreamDecoder,
+    StreamError,
+    VmDescription,
+)
+
+log = logging.getLogger("livemig.migration")
+EventCallback = Callable[[str, dict | None], None]
+_SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
+                 SectionFull: "full"}
+RECV_CHUNK = 4 << 20
+
+
+class LoadError(Exception):
+    """A load failure with the reason to report (error-desc and to the source)."""
+
+
+class IncomingState:
+    """One VM's incoming migration (``@upper_half`` entry points: start, query)."""
+
+    def __init__(self, machine, caps, params, emit: EventCallback,
+                 on_failure_exit: Callable[[str], None] | None = None) -> None:
+        self.machine = machine
+        self.caps = caps
+        self.params = params
+        self.emit = emit
+        self.on_failure_exit = on_failure_exit
+        self.sm = StatusMachine()
+        self.error_desc: str | None = None
+        self.listener = None
+        self.channel = None
+        self.rp: DestinationReturnPath | None = None
+        self.exit_on_error = True
+        self.started = False
+        self.switchover_ack_pending_num = 0
+        self.approvals: dict[str, float] = {}       # idstr -> seconds since load start
+        self._lock = threading.Lock()
+        self._t0 = 0.0
+        self.load_times: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+
+    @property
+    def status(self) -> S:
+        return self.sm.status
+
+    def _set(self, old: S, new: S) -> bool:
+        if self.sm.set(old, new):
+            if self.caps.get("events"):
+                self.emit("MIGRATION", {"status": new.value})
+            return True
+        return False
+
+    # -- QMP entry points -----------------------------------------------------------------
+    def start(self, address, *, exit_on_error: bool = True) -> None:
+        """Listen at ``address`` (raises TransportError at once, e.g. address in use)."""
+        self.exit_on_error = exit_on_error
+        self.listener = listen(address)
+        self.started = True
+        self._set(S.NONE, S.SETUP)
+        self._thread = threading.Thread(target=self._thread_main, name="incoming", daemon=True)
+        self._thread.start()
+
+    def socket_address(self) -> list[dict[str, Any]] | None:
+        if self.listener is None or self.sm.status is not S.SETUP:
+            return None
+        return self.listener.socket_address()
+
+    def query(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        status = self.sm.status
+        if status is S.NONE:
+            return info
+        info["status"] = status.value
+        addr = self.socket_address()
+        if addr:
+            info["socket-address"] = addr
+        if self.error_desc is not None:
+            info["error-desc"] = self.error_desc
+        if self.caps.get("switchover-ack") and status is not S.SETUP:
+            info["x-switchover-ack"] = {"pending": self.switchover_ack_pending_num,
+                                        "approved": dict(self.approvals)}
+        if self.load_times:
+            info["x-load-checkpoints"] = {k: round(v * 1000, 3)
+                                          for k, v in self.load_times.items()}
+        return info
+
+    # -- LoadContext (device callbacks, any thread) -------------------------------------------------
+    def switchover_ack_enabled(self) -> bool:
+        return bool(self.caps.get("switchover-ack"))
+
+    def approve_switchover(self, handler: SaveVMHandlers) -> None:
+        """QEMU's qemu_loadvm_approve_switchover: the last approval sends the ACK."""
+        with self._lock:
+            if self.switchover_ack_pending_num == 0:
+                log.warning("%s approved switchover with nothing pending", handler.idstr)
+                return
+            self.switchover_ack_pending_num -= 1
+            self.approvals[handler.idstr] = round((time.monotonic() - self._t0) * 1000, 3)
+            send = self.switchover_ack_pending_num == 0
+        if send and self.rp is not None:
+            self.rp.send_switchover_ack()
+
+    # -- load thread (@bottom_half) --------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        try:
+            self.channel = self.listener.accept()
+        except (TransportError, OSError) as exc:
+            self._fail(getattr(exc, "desc", None) or str(exc))
+            return
+        finally:
+            self.listener.close()
+        self._t0 = time.monotonic()
+        self._set(S.SETUP, S.ACTIVE)
+        try:
+            self._load()
+        except (StreamError, LoadError, ValueError) as exc:
+            self._fail(str(exc))
+        except OSError as exc:
+            self._fail(f"Input/output error ({exc.strerror or exc})")
+        except Exception as exc:  # noqa: BLE001 - a load failure must not kill the VM process
+            log.exception("load failed")
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        self.error_desc = f"load of migration failed: {reason}"
+        log.error("%s", self.error_desc)
+        for h in getattr(self, "handlers", []):
+            try:
+                h.load_cleanup()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.rp is not None:
+            self.rp.send_error(reason[:512])
+            self.rp.send_shut(1)
+            self.rp.close()
+        if self.channel is not None:
+            self.channel.shutdown()
+            self.channel.close()
+        self.sm.force(S.FAILED) if self.sm.status is not S.FAILED else None
+        if self.caps.get("events"):
+            self.emit("MIGRATION", {"status": "failed"})
+        if self.exit_on_error and self.on_failure_exit is not None:
+            self.on_failure_exit(self.error_desc)
+
+    def _mark(self, name: str) -> None:
+        self.load_times[name] = time.monotonic() - self._t0
+
+    def _load(self) -> None:
+        self.handlers = destination_handlers(self.machine)
+        self.global_state = next(h for h in self.handlers
+                                 if isinstance(h, GlobalStateHandler))
+        dec = StreamDecoder(payload_kinds(self.handlers))
+        by_id: dict[int, SaveVMHandlers] = {}
+        current: SaveVMHandlers | None = None
+        current_type = ""
+        seen_eof = False
+        while True:
+            ev = dec.next_event()
+            if ev is NEED_DATA:
+                buf = dec.get_buffer(RECV_CHUNK)
+                n = self.channel.recv_into(buf)
+                if n == 0:
+                    raise LoadError("stream ended early" if not seen_eof
+                                    else "stream ended before the VM description")
+                dec.buffer_updated(n)
+                continue
+            if isinstance(ev, (SectionStart, SectionFull)):
+                h = find_handler(self.handlers, ev.idstr, ev.instance_id)
+                if h is None:
+                    raise LoadError(
+                        f"Unknown savevm section or instance '{ev.idstr}' {ev.instance_id}. "
+                        "Make sure that your current VM setup matches your saved VM setup, "
+                        "including any hotplugged devices")
+                if ev.version_id > h.version_id:
+                    raise LoadError(f"savevm: unsupported version {ev.version_id} for "
+                                    f"'{ev.idstr}' v{h.version_id}")
+                by_id[ev.section_id] = h
+                current, current_type = h, _SECTION_TYPE[type(ev)]
+            elif isinstance(ev, (SectionPart, SectionEnd)):
+                current = by_id.get(ev.section_id)
+                if current is None:
+                    raise LoadError(f"Unknown savevm section {ev.section_id}")
+                current_type = _SECTION_TYPE[type(ev)]
+                if current_type == "end" and "dst-first-end-section" not in self.load_times:
+                    self._mark("dst-first-end-section")
+            elif isinstance(ev, SectionFooter):
+                assert current is not None
+                self._section_done(current, current_type)
+                current = None
+            elif isinstance(ev, Command):
+                self._command(ev)
+            elif isinstance(ev, Configuration):
+                self._configuration(ev)
+            elif isinstance(ev, Eof):
+                seen_eof = True
+                self._mark("dst-eof")
+            elif isinstance(ev, VmDescription):
+                break
+            elif isinstance(ev, Header):
+                pass
+            else:
+                if current is None:
+                    raise LoadError(f"payload outside a section: {type(ev).__name__}")
+                current.load_event(ev)
+        self._complete()
+
+    def _section_done(self, h: SaveVMHandlers, section_type: str) -> None:
+        try:
+            h.load_section_done(section_type)
+        except ValueError as exc:
+            raise LoadError(f"error while loading state for device '{h.idstr}': {exc}") from exc
+
+    def _configuration(self, ev: Configuration) -> None:
+        local = self.machine.machine_type
+        if ev.machine_type != local[: len(ev.machine_type)]:
+            raise LoadError(f"Machine type received is '{ev.machine_type}' and local is "
+                            f"'{local}'")
+        if ev.uuid is not None and self.machine.uuid_bytes is not None \
+                and ev.uuid != self.machine.uuid_bytes:
+            raise LoadError(f"UUID received is {uuidlib.UUID(bytes=ev.uuid)} and local is "
+                            f"{uuidlib.UUID(bytes=self.machine.uuid_bytes)}")
+        # QEMU counts approvals after load_setup, before the section loop.
+        for h in self.handlers:
+            h.load_setup(self)
+        if self.caps.get("switchover-ack"):
+            self.switchover_ack_pending_num = sum(h.switchover_ack_needed()
+                                                  for h in self.handlers)
+
+    def _command(self, ev: Command) -> None:
+        if ev.cmd == MIG_CMD_OPEN_RETURN_PATH:
+            if self.rp is not None:
+                log.warning("CMD_OPEN_RETURN_PATH called when RP already open")
+                return
+            self.rp = DestinationReturnPath(self.channel.return_path())
+            if self.caps.get("switchover-ack") and self.switchover_ack_pending_num == 0:
+                self.rp.send_switchover_ack()
+        elif ev.cmd == MIG_CMD_PING:
+            if self.rp is None:
+                raise LoadError(f"CMD_PING (0x{int.from_bytes(ev.payload, 'big'):x}) "
+                                "received with no return path")
+            self.rp.send_pong(int.from_bytes(ev.payload, "big"))
+
+    def _complete(self) -> None:
+        """process_incoming_migration_bh: decide whether the guest runs."""
+        for h in self.handlers:
+            try:
+                h.load_complete()
+            except ValueError as exc:
+                raise LoadError(f"error while loading state for device '{h.idstr}': "
+                                f"{exc}") from exc
+        self._mark("dst-loaded")
+        received = self.global_state.runstate or "running"
+        if received == "running" and self.machine.autostart:
+            self.machine.vm_start()
+        else:
+            known = {s.value for s in RunState} - {"running", "inmigrate", "finish-migrate"}
+            state = RunState(received) if received in known else RunState.PAUSED
+            self.machine.set_runstate(state)
+        self._mark("dst-vm-started")
+        self._set(S.ACTIVE, S.COMPLETED)
+        if self.rp is not None:
+            self.rp.send_shut(0)
+            self.rp.close()
+        self.channel.close()

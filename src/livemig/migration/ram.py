@@ -1,0 +1,231 @@
+"""RAM migration: the ``ram`` section (QEMU's migration/ram.c, version 4).
+
+Source: a migration bitmap (one bool per page) fed by dirty-log syncs; pages
+leave in batches: gathered with one numpy fancy index, split into zero and
+normal pages vectorised, encoded as one contiguous buffer per batch and sent
+uncopied. Destination: page batches from the decoder are scattered into the
+mapping with one fancy index. No Python loop ever runs per page.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from livemig.machine.vmstate import LoadContext, OutStream, SaveVMHandlers
+from livemig.wire import (
+    PayloadKind,
+    RamBlockList,
+    RamEos,
+    RamPages,
+    RamZeroPages,
+    StreamError,
+    encode_ram_block_list,
+    encode_ram_eos,
+    encode_ram_pages,
+    encode_ram_zero_pages,
+)
+
+BATCH_PAGES = 256                  # 1 MiB of pages per encode/send
+SCAN_PAGES = 1 << 15               # bitmap stretch scanned per lookup
+MAX_WAIT_S = 0.05                  # QEMU's MAX_WAIT: one iterate call sends at most 50 ms
+
+
+@dataclass
+class RamCounters:
+    """``query-migrate``'s ram members that RAM itself maintains."""
+
+    duplicate: int = 0             # zero pages sent
+    normal: int = 0                # full pages sent
+    precopy_bytes: int = 0         # RAM bytes sent while the guest ran
+    downtime_bytes: int = 0        # RAM bytes sent with the guest stopped
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0
+    dirty_bytes_last_sync: int = 0
+    pages_in_window: int = 0
+
+
+class RamSaveHandler(SaveVMHandlers):
+    """Source side of the ``ram`` section. Runs on the migration thread only."""
+
+    idstr = "ram"
+    version_id = 4
+    payload_kind = PayloadKind.RAM
+    iterable = True
+
+    def __init__(self, machine, on_sync: Callable[[int], None]) -> None:
+        self.machine = machine
+        self.ram = machine.ram
+        self.on_sync = on_sync
+        self.counters = RamCounters()
+        self.bitmap = np.zeros(self.ram.npages, dtype=bool)
+        self._cursor = 0
+        self._last_block: str | None = None
+        self._rate_t0 = time.monotonic()
+        self._rate_pages = 0
+
+    # -- dirty tracking ---------------------------------------------------------
+    def bitmap_sync(self) -> None:
+        """QEMU's migration_bitmap_sync: pull the dirty log into the bitmap."""
+        self.machine.cpu.log_dirty_sync()
+        new = self.machine.dirty_log.sync(self.bitmap)
+        c = self.counters
+        c.dirty_sync_count += 1
+        self._rate_pages += new
+        now = time.monotonic()
+        if now - self._rate_t0 >= 1.0:
+            c.dirty_pages_rate = int(self._rate_pages / (now - self._rate_t0))
+            self._rate_t0, self._rate_pages = now, 0
+        c.dirty_bytes_last_sync = self.remaining_bytes()
+        self.on_sync(c.dirty_sync_count)
+
+    def remaining_bytes(self) -> int:
+        return int(np.count_nonzero(self.bitmap)) * TARGET_PAGE_SIZE
+
+    # -- SaveVMHandlers ---------------------------------------------------------
+    def save_setup(self, out: OutStream) -> None:
+        self.machine.cpu.log_dirty_start()
+        self.machine.dirty_log.enabled = True
+        self.bitmap[:] = True
+        self.bitmap_sync()
+        out.write(encode_ram_block_list([(self.ram.idstr, self.ram.size)]))
+        out.write(encode_ram_eos())
+
+    def state_pending_estimate(self) -> int:
+        return self.remaining_bytes()
+
+    def state_pending_exact(self) -> int:
+        self.bitmap_sync()
+        return self.remaining_bytes()
+
+    def save_live_iterate(self, out: OutStream) -> bool:
+        deadline = time.monotonic() + MAX_WAIT_S
+        done = False
+        while not out.rate_exceeded():
+            idx = self._next_dirty(BATCH_PAGES)
+            if idx.size == 0:
+                done = True
+                break
+            self._send_pages(out, idx, downtime=False)
+            if time.monotonic() > deadline:
+                break
+        out.write(encode_ram_eos())
+        return done
+
+    def save_live_complete_precopy(self, out: OutStream) -> None:
+        self.bitmap_sync()
+        while True:
+            idx = self._next_dirty(BATCH_PAGES * 4)
+            if idx.size == 0:
+                break
+            self._send_pages(out, idx, downtime=True)
+        out.write(encode_ram_eos())
+
+    def save_cleanup(self) -> None:
+        self.machine.dirty_log.enabled = False
+        self.machine.cpu.log_dirty_stop()
+
+    # -- page batches -------------------------------------------------------------
+    def _next_dirty(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` dirty page numbers from the cursor on (wrapping once),
+        cleared in the bitmap as they are taken."""
+        n = self.ram.npages
+        pos, scanned, count = self._cursor, 0, 0
+        found: list[np.ndarray] = []
+        while count < limit and scanned < n:
+            end = min(pos + SCAN_PAGES, n)
+            hits = np.flatnonzero(self.bitmap[pos:end])
+            if hits.size > limit - count:
+                hits = hits[: limit - count]
+                end = pos + int(hits[-1]) + 1  # resume right after the last page taken
+            if hits.size:
+                found.append(hits + pos)
+                count += hits.size
+            scanned += end - pos
+            pos = end % n
+        self._cursor = pos
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        idx = np.concatenate(found) if len(found) > 1 else found[0]
+        self.bitmap[idx] = False
+        return idx
+
+    def _send_pages(self, out: OutStream, idx: np.ndarray, *, downtime: bool) -> None:
+        pages = self.ram.pages[idx]                       # one gather, in C
+        nonzero = pages.view(np.uint64).any(axis=1)
+        zero_idx = idx[~nonzero]
+        c = self.counters
+        name = self.ram.idstr
+        if zero_idx.size:
+            buf = encode_ram_zero_pages(name, zero_idx.astype(np.int64) << TARGET_PAGE_BITS,
+                                        first_has_block_name=self._last_block != name)
+            self._last_block = name
+            out.write(buf)
+            c.duplicate += int(zero_idx.size)
+        if zero_idx.size != idx.size:
+            norm_idx = idx[nonzero]
+            buf = encode_ram_pages(name, norm_idx.astype(np.int64) << TARGET_PAGE_BITS,
+                                   pages[nonzero], first_has_block_name=self._last_block != name)
+            self._last_block = name
+            out.write(buf)
+            c.normal += int(norm_idx.size)
+            nbytes = int(norm_idx.size) * TARGET_PAGE_SIZE
+            if downtime:
+                c.downtime_bytes += nbytes
+            else:
+                c.precopy_bytes += nbytes
+        c.pages_in_window += int(idx.size)
+
+
+class RamLoadHandler(SaveVMHandlers):
+    """Destination side of the ``ram`` section. Runs on the load thread only."""
+
+    idstr = "ram"
+    version_id = 4
+    payload_kind = PayloadKind.RAM
+    iterable = True
+
+    def __init__(self, machine) -> None:
+        self.ram = machine.ram
+        self.pages_loaded = 0
+
+    def load_setup(self, ctx: LoadContext) -> None:
+        self.pages_loaded = 0
+
+    def load_event(self, event) -> None:
+        if isinstance(event, RamPages):
+            idx = self._page_numbers(event.block, event.offsets)
+            self.ram.pages[idx] = event.data
+            self.pages_loaded += int(idx.size)
+        elif isinstance(event, RamZeroPages):
+            idx = self._page_numbers(event.block, event.offsets)
+            # Only write pages that are not zero already: untouched memory stays unmapped.
+            nz = idx[self.ram.pages[idx].view(np.uint64).any(axis=1)]
+            if nz.size:
+                self.ram.pages[nz] = 0
+            self.pages_loaded += int(idx.size)
+        elif isinstance(event, RamBlockList):
+            self._check_blocks(event)
+        elif isinstance(event, RamEos):
+            pass
+
+    def _check_blocks(self, event: RamBlockList) -> None:
+        for name, size in event.blocks:
+            if name != self.ram.idstr:
+                raise StreamError(f'Unknown ramblock "{name}", cannot accept migration',
+                                  offset=-1, section="ram")
+            if size != self.ram.size:
+                raise StreamError(f"Size mismatch: {name}: 0x{size:x} != 0x{self.ram.size:x}: "
+                                  "Invalid argument", offset=-1, section="ram")
+
+    def _page_numbers(self, block: str, offsets: np.ndarray) -> np.ndarray:
+        if block != self.ram.idstr:
+            raise StreamError(f"Can't find block {block}", offset=-1, section="ram")
+        if offsets.size and (int(offsets.max()) >= self.ram.size or int(offsets.min()) < 0):
+            bad = int(offsets.max())
+            raise StreamError(f"Illegal RAM offset {bad:x}", offset=-1, section="ram")
+        return offsets >> TARGET_PAGE_BITS

@@ -1,0 +1,140 @@
+"""Both ends of the return path: the source's reader thread and the
+destination's (thread-safe) writer. Message framing is ``livemig.wire``'s."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from livemig.wire import (
+    NEED_DATA,
+    Pong,
+    ReturnPathDecoder,
+    ReturnPathError,
+    Shut,
+    SwitchoverAck,
+    XError,
+    encode_pong,
+    encode_shut,
+    encode_switchover_ack,
+    encode_x_error,
+)
+
+log = logging.getLogger("livemig.migration")
+CHANNEL_ERROR = "Channel error: Input/output error"
+
+
+class SourceReturnPath:
+    """Reads the destination's messages (``@bottom_half``: return-path thread)."""
+
+    def __init__(self, channel, on_ack: Callable[[], None]) -> None:
+        self.channel = channel
+        self.on_ack = on_ack
+        self.decoder = ReturnPathDecoder()
+        self.shut_value: int | None = None
+        self.pongs: list[int] = []
+        self.error: str | None = None
+        self.dest_error: str | None = None   # the destination's own words (MIG_RP_MSG_X_ERROR)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="return path", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = bytearray(4096)
+        try:
+            while True:
+                n = self.channel.recv_into(buf)
+                if n == 0:
+                    if self.shut_value is None:
+                        self._fail(CHANNEL_ERROR)
+                    return
+                self.decoder.receive_data(bytes(buf[:n]))
+                while (ev := self.decoder.next_event()) is not NEED_DATA:
+                    if self._handle(ev):
+                        return
+        except ReturnPathError as exc:
+            self._fail(str(exc))
+        except OSError:
+            if self.shut_value is None:
+                self._fail(CHANNEL_ERROR)
+        finally:
+            self._done.set()
+
+    def _handle(self, ev) -> bool:
+        """Handle one message; True when the return path is finished (SHUT)."""
+        if isinstance(ev, SwitchoverAck):
+            self.on_ack()
+        elif isinstance(ev, Pong):
+            self.pongs.append(ev.value)
+        elif isinstance(ev, XError):
+            self.dest_error = ev.text
+        elif isinstance(ev, Shut):
+            self.shut_value = ev.value
+            if ev.value:
+                self._fail(f"Sibling indicated error {ev.value}")
+            return True
+        return False
+
+    def _fail(self, desc: str) -> None:
+        if self.error is None:
+            self.error = f"destination: {self.dest_error}" if self.dest_error else desc
+
+    def wait_shut(self, check: Callable[[], None]) -> None:
+        """Block until SHUT (or an error/cancel, raised by ``check``)."""
+        while not self._done.wait(0.05):
+            check()
+        check()
+        if self.shut_value is None:
+            raise RuntimeError(self.error or CHANNEL_ERROR)
+
+    def shutdown(self) -> None:
+        try:
+            self.channel.shutdown()
+        except OSError:
+            pass
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        try:
+            self.channel.close()
+        except OSError:
+            pass
+
+
+class DestinationReturnPath:
+    """Sends messages back to the source; any thread may send (``_lock``)."""
+
+    def __init__(self, channel) -> None:
+        self.channel = channel
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _send(self, data: bytes) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                self.channel.sendall(data)
+            except OSError as exc:
+                log.warning("return path send failed: %s", exc)
+                self.closed = True
+
+    def send_pong(self, value: int) -> None:
+        self._send(encode_pong(value))
+
+    def send_switchover_ack(self) -> None:
+        self._send(encode_switchover_ack())
+
+    def send_error(self, text: str) -> None:
+        self._send(encode_x_error(text))
+
+    def send_shut(self, value: int) -> None:
+        self._send(encode_shut(value))
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True

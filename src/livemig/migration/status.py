@@ -1,0 +1,96 @@
+"""MigrationStatus and its transitions, as one table (h11's rule 1).
+
+Names and order are QEMU 10.0's (``qapi/migration.json``). Every status
+change on either side goes through :class:`StatusMachine`, which refuses an
+illegal transition and tells the caller whether a ``MIGRATION`` event is due.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import Enum
+
+
+class MigrationStatus(str, Enum):
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
+    POSTCOPY_RECOVER = "postcopy-recover"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COLO = "colo"
+    PRE_SWITCHOVER = "pre-switchover"
+    DEVICE = "device"
+    WAIT_UNPLUG = "wait-unplug"
+
+
+S = MigrationStatus
+_DONE = (S.COMPLETED, S.FAILED, S.CANCELLED)
+
+# Source (precopy) transitions; the destination uses the subset it reaches.
+TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    S.NONE: frozenset({S.SETUP}),
+    S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING, S.CANCELLED}),
+    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.FAILED, S.CANCELLING}),
+    S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.CANCELLING: frozenset({S.CANCELLED}),
+    S.COMPLETED: frozenset({S.SETUP}),
+    S.FAILED: frozenset({S.SETUP}),
+    S.CANCELLED: frozenset({S.SETUP}),
+}
+
+# migration_is_running() in QEMU (the subset precopy reaches).
+RUNNING = frozenset({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING})
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+class StatusMachine:
+    """Thread-safe holder of one side's status with compare-and-swap changes."""
+
+    def __init__(self) -> None:
+        self._status = S.NONE
+        self._cond = threading.Condition()
+
+    @property
+    def status(self) -> MigrationStatus:
+        return self._status
+
+    def set(self, old: MigrationStatus, new: MigrationStatus) -> bool:
+        """QEMU's migrate_set_state: change only if still ``old``; True if changed."""
+        with self._cond:
+            if self._status is not old:
+                return False
+            if new not in TRANSITIONS.get(old, frozenset()):
+                raise IllegalTransition(f"migration status '{old.value}' -> '{new.value}'")
+            self._status = new
+            self._cond.notify_all()
+            return True
+
+    def force(self, new: MigrationStatus) -> MigrationStatus:
+        """Move to ``new`` from wherever we are if the table allows; return the old status."""
+        with self._cond:
+            old = self._status
+            if new not in TRANSITIONS.get(old, frozenset()):
+                raise IllegalTransition(f"migration status '{old.value}' -> '{new.value}'")
+            self._status = new
+            self._cond.notify_all()
+            return old
+
+    def wait_for(self, predicate, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._status), timeout)
+
+    def is_running(self) -> bool:
+        return self._status in RUNNING
+
+    def is_done(self) -> bool:
+        return self._status in _DONE

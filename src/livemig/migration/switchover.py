@@ -1,0 +1,75 @@
+"""The switchover decision: pure functions of a stats record, no clock reads.
+
+These are the seed's rules. Kept pure so convergence and downtime logic are
+unit-tested without real waiting (trio's MockClock idea).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUFFER_DELAY_MS = 100  # QEMU's bandwidth window (migration-stats.h)
+
+
+def threshold_size(bandwidth_bytes_per_ms: float, downtime_limit_ms: int,
+                   avail_switchover_bandwidth_bytes_per_s: int = 0) -> int:
+    """Bytes that may remain at switchover: bandwidth x downtime-limit.
+
+    ``avail-switchover-bandwidth``, when set, replaces the measured bandwidth
+    (for the decision only, as in QEMU 8.2+)."""
+    if avail_switchover_bandwidth_bytes_per_s:
+        bandwidth_bytes_per_ms = avail_switchover_bandwidth_bytes_per_s // 1000
+    return int(bandwidth_bytes_per_ms * downtime_limit_ms)
+
+
+def can_switchover(*, switchover_ack: bool, ack_users: int, vm_running: bool,
+                   acked: bool) -> bool:
+    """QEMU's migration_can_switchover(), plus the 'no users' shortcut.
+
+    True when the capability is off, when no device uses it, when the guest
+    is not running ("no reason to wait for switchover ACK if VM is stopped"),
+    or when the destination's ACK has arrived."""
+    return (not switchover_ack) or ack_users == 0 or (not vm_running) or acked
+
+
+def should_sync_exact(pending_estimate: int, threshold: int) -> bool:
+    """Only near the threshold is the (costly) dirty-log sync worth it."""
+    return pending_estimate < threshold
+
+
+def complete_ready(pending: int, threshold: int, can_switch: bool) -> bool:
+    """QEMU 10.0: (pending == 0 or pending < threshold) and can_switchover."""
+    return (pending == 0 or pending < threshold) and can_switch
+
+
+@dataclass(frozen=True)
+class Window:
+    """One 100 ms accounting window's outcome (QEMU's migration_update_counters)."""
+
+    bandwidth_bytes_per_ms: float
+    mbps: float
+    pages_per_second: float
+
+
+def close_window(bytes_in_window: int, pages_in_window: int, window_ms: float) -> Window:
+    if window_ms <= 0:
+        return Window(0.0, 0.0, 0.0)
+    return Window(
+        bandwidth_bytes_per_ms=bytes_in_window / window_ms,
+        mbps=bytes_in_window * 8 / (window_ms / 1000) / 1e6,
+        pages_per_second=pages_in_window / (window_ms / 1000),
+    )
+
+
+def expected_downtime_ms(dirty_bytes_last_sync: int, bandwidth_bytes_per_ms: float,
+                         downtime_limit_ms: int) -> int:
+    if bandwidth_bytes_per_ms <= 0:
+        return downtime_limit_ms
+    return int(dirty_bytes_last_sync / bandwidth_bytes_per_ms)
+
+
+def ack_wait_seconds(window_left_ms: float) -> float:
+    """How long the source waits for the ACK after a pass that left nothing
+    worth sending. Bounded so dirtied pages keep flowing (each pass makes
+    progress) yet the loop cannot spin (QEMU 10.0 ran ~165,000 passes)."""
+    return max(0.005, min(0.05, window_left_ms / 1000))

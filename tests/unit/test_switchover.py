@@ -1,0 +1,59 @@
+"""The switchover decision, as pure functions (the seed's rules)."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from livemig.migration import switchover as sw
+
+
+@pytest.mark.parametrize("cap,users,running,acked,expected", [
+    (False, 1, True, False, True),    # capability off: never wait
+    (True, 0, True, False, True),     # no device uses it
+    (True, 1, False, False, True),    # guest stopped: no reason to wait
+    (True, 1, True, True, True),      # ACK arrived
+    (True, 1, True, False, False),    # the one case that waits
+    (True, 3, True, False, False),
+])
+def test_can_switchover(cap, users, running, acked, expected):
+    assert sw.can_switchover(switchover_ack=cap, ack_users=users, vm_running=running,
+                             acked=acked) is expected
+
+
+def test_threshold_is_bandwidth_times_downtime_limit():
+    assert sw.threshold_size(1000.0, 300) == 300_000
+
+
+def test_avail_switchover_bandwidth_replaces_the_estimate():
+    # 2,000,000 B/s -> 2000 B/ms, integer division as QEMU does
+    assert sw.threshold_size(1.0, 300, 2_000_999) == 2000 * 300
+
+
+def test_complete_needs_both_threshold_and_can_switchover():
+    assert not sw.complete_ready(10, 100, False)
+    assert sw.complete_ready(10, 100, True)
+    assert not sw.complete_ready(100, 100, True)
+    assert sw.complete_ready(0, 0, True)          # first window: only pending == 0
+
+
+@given(st.integers(0, 1 << 40), st.integers(0, 1 << 40), st.booleans())
+def test_complete_ready_never_without_can_switchover(pending, threshold, can):
+    if not can:
+        assert not sw.complete_ready(pending, threshold, can)
+
+
+def test_close_window_units():
+    w = sw.close_window(bytes_in_window=12_500_000, pages_in_window=3000, window_ms=100)
+    assert w.bandwidth_bytes_per_ms == 125_000
+    assert w.mbps == pytest.approx(1000.0)
+    assert w.pages_per_second == 30_000
+
+
+def test_expected_downtime():
+    assert sw.expected_downtime_ms(1_000_000, 1000.0, 300) == 1000
+    assert sw.expected_downtime_ms(1_000_000, 0.0, 300) == 300
+
+
+@given(st.floats(0, 1000))
+def test_ack_wait_is_bounded(left_ms):
+    assert 0.005 <= sw.ack_wait_seconds(left_ms) <= 0.05
