@@ -2,7 +2,8 @@
 
 import pytest
 
-from livemig.migration.status import RUNNING, IllegalTransition, MigrationStatus as S, StatusMachine
+from livemig.migration.status import RUNNING, IllegalTransition, StatusMachine
+from livemig.migration.status import MigrationStatus as S
 
 
 def test_qemu_order_has_15_states():

@@ -31,7 +31,7 @@ class AccelDeviceConfig:
     dirty_rate_mb_s: float = 0.0
 
     @classmethod
-    def parse(cls, spec: str) -> "AccelDeviceConfig":
+    def parse(cls, spec: str) -> AccelDeviceConfig:
         """Parse ``accel,id=acc0,size=64M,init-size=4M,prepare-ms=400[,dirty-rate=MB/s]``."""
         parts = spec.split(",")
         if parts[0] != "accel":

@@ -17,9 +17,7 @@ import numpy as np
 from livemig.machine.accel_device import CHUNK_BYTES, AccelDevice
 from livemig.machine.vmstate import LoadContext, OutStream, SaveVMHandlers
 from livemig.wire import (
-    VFIO_MIG_FLAG_DEV_DATA_STATE,
-    VFIO_MIG_FLAG_DEV_INIT_DATA_SENT,
-    VFIO_MIG_FLAG_END_OF_STATE,
+    VfioMigFlag,
     PayloadKind,
     TaggedData,
     TaggedEnd,
@@ -58,7 +56,7 @@ class AccelHandler(SaveVMHandlers):
         self.initial_data_sent = False
         with self.dev.lock:
             self.dev.dirty_chunks[:] = True  # all device memory is to be sent
-        out.write(encode_tagged_end(VFIO_MIG_FLAG_END_OF_STATE))
+        out.write(encode_tagged_end(VfioMigFlag.END_OF_STATE))
 
     def _init_left(self) -> int:
         return self.dev.config.init_size - self._init_sent
@@ -78,11 +76,11 @@ class AccelHandler(SaveVMHandlers):
                 and not self.initial_data_sent and self.dev.config.init_size):
             # The destination may start preparing now (VFIO's INIT_DATA_SENT).
             self.initial_data_sent = True
-            out.write(encode_tagged_end(VFIO_MIG_FLAG_DEV_INIT_DATA_SENT))
+            out.write(encode_tagged_end(VfioMigFlag.DEV_INIT_DATA_SENT))
             return False
         if not self._init_left():
             budget = self._send_dirty(out, budget, ignore_rate=False)
-        out.write(encode_tagged_end(VFIO_MIG_FLAG_END_OF_STATE))
+        out.write(encode_tagged_end(VfioMigFlag.END_OF_STATE))
         return self.state_pending_estimate() == 0
 
     def save_live_complete_precopy(self, out: OutStream) -> None:
@@ -92,7 +90,7 @@ class AccelHandler(SaveVMHandlers):
             self._write(out, KIND_INIT, lo, self.dev.init_data[lo:lo + n])
             self._init_sent += n
         self._send_dirty(out, None, ignore_rate=True)
-        out.write(encode_tagged_end(VFIO_MIG_FLAG_END_OF_STATE))
+        out.write(encode_tagged_end(VfioMigFlag.END_OF_STATE))
 
     def _send_dirty(self, out: OutStream, budget: int | None, *, ignore_rate: bool) -> int:
         while budget is None or budget > 0:
@@ -116,15 +114,14 @@ class AccelHandler(SaveVMHandlers):
 
     @staticmethod
     def _write(out: OutStream, kind: int, offset: int, data: np.ndarray) -> None:
-        out.write(encode_tagged_data(VFIO_MIG_FLAG_DEV_DATA_STATE,
-                                     _RECORD.pack(kind, offset) + data.tobytes()))
+        out.write(encode_tagged_data(_RECORD.pack(kind, offset) + data.tobytes()))
 
     # -- destination ------------------------------------------------------------------
     def load_setup(self, ctx: LoadContext) -> None:
         self._ctx = ctx
 
     def load_event(self, event) -> None:
-        if isinstance(event, TaggedData) and event.tag == VFIO_MIG_FLAG_DEV_DATA_STATE:
+        if isinstance(event, TaggedData) and event.tag == VfioMigFlag.DEV_DATA_STATE:
             data = memoryview(event.data)
             if len(data) < _RECORD.size:
                 raise ValueError(f"{self.idstr}: short data record")
@@ -136,7 +133,7 @@ class AccelHandler(SaveVMHandlers):
                                  f"(kind {kind}, offset {offset}, {payload.size} bytes)")
             with self.dev.lock:
                 target[offset:offset + payload.size] = payload
-        elif isinstance(event, TaggedEnd) and event.tag == VFIO_MIG_FLAG_DEV_INIT_DATA_SENT:
+        elif isinstance(event, TaggedEnd) and event.tag == VfioMigFlag.DEV_INIT_DATA_SENT:
             assert self._ctx is not None
             if not self._ctx.switchover_ack_enabled() or not self.dev.config.init_size:
                 raise ValueError(f"{self.idstr}: Received INIT_DATA_SENT but switchover ack "

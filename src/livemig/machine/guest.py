@@ -44,7 +44,7 @@ class GuestConfig:
     image_path: str | None = None
 
     @classmethod
-    def parse_walk(cls, spec: str) -> "GuestConfig":
+    def parse_walk(cls, spec: str) -> GuestConfig:
         """Parse ``walk[,start=1M,end=100M,rate=N]`` (QEMU-style key=value list)."""
         parts = spec.split(",")
         if parts[0] != "walk":

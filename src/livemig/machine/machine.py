@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from livemig.machine.accel_device import AccelDevice, AccelDeviceConfig
 from livemig.machine.dirty_log import DirtyLog

@@ -9,7 +9,8 @@ payload events for their section.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from livemig.wire import PayloadKind
 
@@ -27,7 +28,7 @@ class OutStream(Protocol):
 class LoadContext(Protocol):
     """What the destination engine offers a device while it loads."""
 
-    def approve_switchover(self, handler: "SaveVMHandlers") -> None:
+    def approve_switchover(self, handler: SaveVMHandlers) -> None:
         """Called (from any thread) once the device is ready for switchover."""
 
     def switchover_ack_enabled(self) -> bool: ...

@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 import uuid as uuidlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from livemig.machine.runstate import RunState
 from livemig.machine.vmstate import SaveVMHandlers
@@ -24,9 +25,9 @@ from livemig.migration.status import MigrationStatus as S
 from livemig.migration.status import StatusMachine
 from livemig.transport import TransportError, listen
 from livemig.wire import (
-    MIG_CMD_OPEN_RETURN_PATH,
-    MIG_CMD_PING,
+    MigCmd,
     NEED_DATA,
+    Closed,
     Command,
     Configuration,
     Eof,
@@ -88,10 +89,12 @@ class IncomingState:
         return False
 
     # -- QMP entry points -----------------------------------------------------------------
-    def start(self, address, *, exit_on_error: bool = True) -> None:
-        """Listen at ``address`` (raises TransportError at once, e.g. address in use)."""
+    def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:
+        """Listen at ``address`` (raises TransportError at once, e.g. address in use),
+        or load from an already connected ``channel`` (address None)."""
         self.exit_on_error = exit_on_error
-        self.listener = listen(address)
+        self.listener = listen(address) if channel is None else None
+        self.channel = channel
         self.started = True
         self._set(S.NONE, S.SETUP)
         self._thread = threading.Thread(target=self._thread_main, name="incoming", daemon=True)
@@ -139,13 +142,14 @@ class IncomingState:
 
     # -- load thread (@bottom_half) --------------------------------------------------------------------
     def _thread_main(self) -> None:
-        try:
-            self.channel = self.listener.accept()
-        except (TransportError, OSError) as exc:
-            self._fail(getattr(exc, "desc", None) or str(exc))
-            return
-        finally:
-            self.listener.close()
+        if self.listener is not None:
+            try:
+                self.channel = self.listener.accept()
+            except (TransportError, OSError) as exc:
+                self._fail(getattr(exc, "desc", None) or str(exc))
+                return
+            finally:
+                self.listener.close()
         self._t0 = time.monotonic()
         self._set(S.SETUP, S.ACTIVE)
         try:
@@ -154,7 +158,7 @@ class IncomingState:
             self._fail(str(exc))
         except OSError as exc:
             self._fail(f"Input/output error ({exc.strerror or exc})")
-        except Exception as exc:  # noqa: BLE001 - a load failure must not kill the VM process
+        except Exception as exc:
             log.exception("load failed")
             self._fail(f"{type(exc).__name__}: {exc}")
 
@@ -190,17 +194,14 @@ class IncomingState:
         by_id: dict[int, SaveVMHandlers] = {}
         current: SaveVMHandlers | None = None
         current_type = ""
-        seen_eof = False
         while True:
             ev = dec.next_event()
             if ev is NEED_DATA:
                 buf = dec.get_buffer(RECV_CHUNK)
-                n = self.channel.recv_into(buf)
-                if n == 0:
-                    raise LoadError("stream ended early" if not seen_eof
-                                    else "stream ended before the VM description")
-                dec.buffer_updated(n)
+                dec.buffer_updated(self.channel.recv_into(buf))  # 0: end of data
                 continue
+            if isinstance(ev, Closed):
+                raise LoadError("stream ended before the VM description")
             if isinstance(ev, (SectionStart, SectionFull)):
                 h = find_handler(self.handlers, ev.idstr, ev.instance_id)
                 if h is None:
@@ -229,7 +230,6 @@ class IncomingState:
             elif isinstance(ev, Configuration):
                 self._configuration(ev)
             elif isinstance(ev, Eof):
-                seen_eof = True
                 self._mark("dst-eof")
             elif isinstance(ev, VmDescription):
                 break
@@ -264,14 +264,14 @@ class IncomingState:
                                                   for h in self.handlers)
 
     def _command(self, ev: Command) -> None:
-        if ev.cmd == MIG_CMD_OPEN_RETURN_PATH:
+        if ev.cmd == MigCmd.OPEN_RETURN_PATH:
             if self.rp is not None:
                 log.warning("CMD_OPEN_RETURN_PATH called when RP already open")
                 return
             self.rp = DestinationReturnPath(self.channel.return_path())
             if self.caps.get("switchover-ack") and self.switchover_ack_pending_num == 0:
                 self.rp.send_switchover_ack()
-        elif ev.cmd == MIG_CMD_PING:
+        elif ev.cmd == MigCmd.PING:
             if self.rp is None:
                 raise LoadError(f"CMD_PING (0x{int.from_bytes(ev.payload, 'big'):x}) "
                                 "received with no return path")

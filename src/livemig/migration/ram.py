@@ -10,8 +10,8 @@ mapping with one fancy index. No Python loop ever runs per page.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -23,7 +23,6 @@ from livemig.wire import (
     RamEos,
     RamPages,
     RamZeroPages,
-    StreamError,
     encode_ram_block_list,
     encode_ram_eos,
     encode_ram_pages,
@@ -216,16 +215,15 @@ class RamLoadHandler(SaveVMHandlers):
     def _check_blocks(self, event: RamBlockList) -> None:
         for name, size in event.blocks:
             if name != self.ram.idstr:
-                raise StreamError(f'Unknown ramblock "{name}", cannot accept migration',
-                                  offset=-1, section="ram")
+                raise ValueError(f'Unknown ramblock "{name}", cannot accept migration')
             if size != self.ram.size:
-                raise StreamError(f"Size mismatch: {name}: 0x{size:x} != 0x{self.ram.size:x}: "
-                                  "Invalid argument", offset=-1, section="ram")
+                raise ValueError(f"Size mismatch: {name}: 0x{size:x} != 0x{self.ram.size:x}: "
+                                  "Invalid argument")
 
     def _page_numbers(self, block: str, offsets: np.ndarray) -> np.ndarray:
         if block != self.ram.idstr:
-            raise StreamError(f"Can't find block {block}", offset=-1, section="ram")
+            raise ValueError(f"Can't find block {block}")
         if offsets.size and (int(offsets.max()) >= self.ram.size or int(offsets.min()) < 0):
             bad = int(offsets.max())
-            raise StreamError(f"Illegal RAM offset {bad:x}", offset=-1, section="ram")
+            raise ValueError(f"Illegal RAM offset {bad:x}")
         return offsets >> TARGET_PAGE_BITS

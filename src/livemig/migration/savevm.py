@@ -6,7 +6,7 @@ non-iterable ones, ``globalstate`` last. Section ids are list positions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from livemig.machine.accel_vmstate import AccelHandler
 from livemig.machine.cpu_vmstate import CpuHandler

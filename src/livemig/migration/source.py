@@ -13,8 +13,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from livemig.machine.runstate import RunState
 from livemig.migration import switchover
@@ -25,15 +26,10 @@ from livemig.migration.return_path import SourceReturnPath
 from livemig.migration.savevm import source_handlers
 from livemig.migration.status import MigrationStatus as S
 from livemig.migration.status import StatusMachine
-from livemig.transport import TransportError, open_outgoing
+from livemig.transport import Channel, TransportError, open_outgoing
 from livemig.wire import (
-    MIG_CMD_OPEN_RETURN_PATH,
-    MIG_CMD_PING,
-    MIG_CMD_SWITCHOVER_START,
-    QEMU_VM_SECTION_END,
-    QEMU_VM_SECTION_FULL,
-    QEMU_VM_SECTION_PART,
-    QEMU_VM_SECTION_START,
+    MigCmd,
+    SectionType,
     encode_command,
     encode_configuration,
     encode_eof,
@@ -170,7 +166,7 @@ class MigrationState:
             self._run(address)
         except MigrationCancelled:
             pass
-        except Exception as exc:  # noqa: BLE001 - any failure fails the migration, not the VM
+        except Exception as exc:
             log.debug("migration failed", exc_info=True)
             self._set_error(self._describe(exc))
         finally:
@@ -192,10 +188,13 @@ class MigrationState:
             raise RuntimeError(self.rp.error)
 
     def _run(self, address) -> None:
-        try:
-            self.channel = open_outgoing(address)
-        except TransportError as exc:
-            raise RuntimeError(exc.desc) from None
+        if isinstance(address, Channel):
+            self.channel = address          # already connected (tests, fd:)
+        else:
+            try:
+                self.channel = open_outgoing(address)
+            except TransportError as exc:
+                raise RuntimeError(exc.desc) from None
         self._check()
         f = self.file = QEMUFile(self.channel)
         f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
@@ -208,15 +207,15 @@ class MigrationState:
                 raise RuntimeError("Unable to open return-path for postcopy")
             self.rp = SourceReturnPath(self.channel.return_path(), self.on_switchover_ack)
             self.rp.start()
-            f.write(encode_command(MIG_CMD_OPEN_RETURN_PATH))
-            f.write(encode_command(MIG_CMD_PING, (1).to_bytes(4, "big")))
+            f.write(encode_command(MigCmd.OPEN_RETURN_PATH))
+            f.write(encode_command(MigCmd.PING, (1).to_bytes(4, "big")))
 
         self.handlers = source_handlers(self.machine, self._on_sync)
         self.ram = self.handlers[0]  # type: ignore[assignment]
         self.global_state = next(h for h in self.handlers if isinstance(h, GlobalStateHandler))
         for sid, h in enumerate(self.handlers):
             if h.iterable:
-                f.write(encode_section_header(QEMU_VM_SECTION_START, sid, h.idstr,
+                f.write(encode_section_header(SectionType.SECTION_START, sid, h.idstr,
                                               h.instance_id, h.version_id))
                 h.save_setup(f)
                 f.write(encode_footer(sid))
@@ -277,7 +276,7 @@ class MigrationState:
                 continue
             if f.rate_exceeded():
                 break
-            f.write(encode_section_header(QEMU_VM_SECTION_PART, sid))
+            f.write(encode_section_header(SectionType.SECTION_PART, sid))
             h.save_live_iterate(f)
             f.write(encode_footer(sid))
         f.flush()
@@ -331,16 +330,16 @@ class MigrationState:
         elif not self._set(S.ACTIVE, S.DEVICE):
             self._check()
         f.rate_limit_bytes = 0
-        f.write(encode_command(MIG_CMD_SWITCHOVER_START))
+        f.write(encode_command(MigCmd.SWITCHOVER_START))
         for sid, h in enumerate(self.handlers):
             if h.iterable:
-                f.write(encode_section_header(QEMU_VM_SECTION_END, sid))
+                f.write(encode_section_header(SectionType.SECTION_END, sid))
                 h.save_live_complete_precopy(f)
                 f.write(encode_footer(sid))
         self._mark("src-iterable-saved")
         for sid, h in enumerate(self.handlers):
             if not h.iterable:
-                f.write(encode_section_header(QEMU_VM_SECTION_FULL, sid, h.idstr,
+                f.write(encode_section_header(SectionType.SECTION_FULL, sid, h.idstr,
                                               h.instance_id, h.version_id))
                 h.save_state(f)
                 f.write(encode_footer(sid))
@@ -373,7 +372,7 @@ class MigrationState:
         for h in getattr(self, "handlers", []):
             try:
                 h.save_cleanup()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("save_cleanup failed", exc_info=True)
         status = self.sm.status
         if self.times.end is None:
@@ -400,7 +399,7 @@ class MigrationState:
         if self.channel is not None:
             try:
                 self.channel.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("channel close failed", exc_info=True)
 
     # -- query-migrate ----------------------------------------------------------------

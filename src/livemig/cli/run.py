@@ -1,0 +1,123 @@
+"""``livemig run``: one VM process, the composition root.
+
+Builds the machine, the migration state of both directions, the QMP server,
+and runs the asyncio loop on the main thread until ``quit`` or a signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from livemig import QEMU_VERSION, __version__
+from livemig.cli.run_options import OptionError, RunOptions, parse_run_args
+from livemig.machine.machine import Machine, MachineConfig
+from livemig.migration.destination import IncomingState
+from livemig.migration.source import MigrationState
+from livemig.qapi.errors import QapiError
+from livemig.qapi.global_props import apply_globals
+from livemig.qmp.commands import register_vm_commands
+from livemig.qmp.registry import CommandRegistry
+from livemig.qmp.server import QMPServer
+from livemig.transport import TransportError, parse_uri
+
+PROG = "livemig"
+
+
+class VmProcess:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.name = opts.name
+        bad = [d for d, _, _ in opts.globals if d != "migration"]
+        if bad:
+            raise OptionError(f"-global {bad[0]}.*: driver '{bad[0]}' not found")
+        try:
+            self.caps, self.params, warnings = apply_globals(
+                (prop, value) for _, prop, value in opts.globals)
+        except QapiError as exc:
+            raise OptionError(exc.desc) from None
+        for warning in warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        self.registry = CommandRegistry()
+        self.server = QMPServer(self.registry, version=QEMU_VERSION,
+                                package=f"livemig {__version__}")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._quit: asyncio.Event | None = None
+        self.exit_status = 0
+        self.shutdown_reason = "host-qmp-quit"
+        self.machine = Machine(MachineConfig(
+            ram_size=opts.ram_size, accel=opts.accel, guest=opts.guest,
+            serial_path=opts.serial, devices=opts.devices, name=opts.name, uuid=opts.uuid,
+            incoming=opts.incoming is not None, start_paused=opts.start_paused),
+            on_event=self.server.emit_event)
+        self.source = MigrationState(self.machine, self.caps, self.params,
+                                     self.server.emit_event)
+        self.incoming = IncomingState(self.machine, self.caps, self.params,
+                                      self.server.emit_event,
+                                      on_failure_exit=self._incoming_failed)
+        register_vm_commands(self.registry, self)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def request_quit(self, reason: str = "host-qmp-quit", status: int = 0) -> None:
+        """Thread-safe: SHUTDOWN event, then end the process once pending QMP
+        replies are flushed (the quit command's own reply goes out first)."""
+        self.shutdown_reason = reason
+        self.exit_status = status
+        if self.loop is None or self._quit is None:
+            return
+
+        def shutdown() -> None:
+            assert self._quit is not None
+            if not self._quit.is_set():
+                self.server.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
+                self.server.request_quit()
+                self._quit.set()
+        self.loop.call_soon_threadsafe(shutdown)
+
+    def _incoming_failed(self, desc: str) -> None:
+        """exit-on-error: QEMU prints the error and exits with status 1."""
+        print(f"{PROG}: {desc}", file=sys.stderr, flush=True)
+        self.request_quit("host-error", status=1)
+
+    async def main(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._quit = asyncio.Event()
+        for sig, reason in ((signal.SIGTERM, "host-signal"), (signal.SIGINT, "host-signal"),
+                            (signal.SIGHUP, "host-signal")):
+            self.loop.add_signal_handler(sig, self.request_quit, reason)
+        for spec in self.opts.qmp:
+            await self.server.start(spec)
+        if self.opts.incoming not in (None, "defer"):
+            self.incoming.start(parse_uri(self.opts.incoming))
+        elif self.opts.incoming is None and not self.opts.start_paused:
+            self.machine.vm_start()
+        await self._quit.wait()
+        self.source.cancel()
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+        except TimeoutError:
+            await self.server.close()
+        self.machine.close()
+        return self.exit_status
+
+
+def run_main(argv: list[str]) -> int:
+    logging.basicConfig(level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
+                        format=f"{PROG}: %(name)s: %(message)s")
+    try:
+        opts = parse_run_args(argv)
+        vm = VmProcess(opts)
+    except OptionError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(vm.main())
+    except (ValueError, OSError, TransportError) as exc:
+        print(f"{PROG}: {getattr(exc, 'desc', None) or exc}", file=sys.stderr)
+        return 1

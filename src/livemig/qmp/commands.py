@@ -1,0 +1,159 @@
+"""The VM's QMP commands: QEMU's names, arguments and error texts.
+
+Handlers run on the QMP event loop (``@upper_half``); anything slow is
+handed to the migration threads, which report back through events.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from livemig.machine.runstate import RunState
+from livemig.migration.status import MigrationStatus
+from livemig.qapi.parameters import DEFAULTS as PARAMETER_DEFAULTS
+from livemig.qmp.errors import QMPError
+from livemig.qmp.registry import ArgSpec, CommandRegistry
+from livemig.transport import TransportError, address_from_channels, parse_uri, resolve_migrate_args
+
+if TYPE_CHECKING:
+    from livemig.cli.run import VmProcess
+
+DEVICE_NOT_FOUND = "DeviceNotFound"
+_CHANNELS = ArgSpec("list", items="dict")
+
+
+def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
+    machine = vm.machine
+
+    @reg.register("query-name")
+    def query_name(args: dict) -> dict:
+        return {"name": vm.name} if vm.name else {}
+
+    @reg.register("query-status")
+    def query_status(args: dict) -> dict:
+        return {"running": machine.is_running(), "status": machine.runstate.value}
+
+    @reg.register("query-kvm")
+    def query_kvm(args: dict) -> dict:
+        from livemig.machine.machine import kvm_usable
+        return {"enabled": machine.accel_name == "kvm", "present": kvm_usable()[0]}
+
+    @reg.register("stop")
+    def stop(args: dict) -> None:
+        if machine.runstate is RunState.INMIGRATE:
+            machine.autostart = False
+        elif machine.is_running():
+            machine.vm_stop(RunState.PAUSED)
+
+    @reg.register("cont")
+    def cont(args: dict) -> None:
+        state = machine.runstate
+        if state is RunState.INMIGRATE:
+            machine.autostart = True
+        elif state is RunState.FINISH_MIGRATE:
+            raise QMPError("Migration is not finalized yet")
+        elif state is RunState.SHUTDOWN:
+            raise QMPError("Resetting the Virtual Machine is required")
+        else:
+            machine.vm_start()
+
+    @reg.register("quit")
+    def quit_(args: dict) -> None:
+        vm.request_quit("host-qmp-quit")
+
+    # -- capabilities and parameters -------------------------------------------------
+    @reg.register("query-migrate-capabilities")
+    def query_caps(args: dict) -> list:
+        return vm.caps.as_qmp_list()
+
+    @reg.register("migrate-set-capabilities", args={"capabilities": ArgSpec("list")})
+    def set_caps(args: dict) -> None:
+        vm.caps.set_from_qmp(args["capabilities"],
+                             migration_running=vm.source.is_running(),
+                             incoming_started=vm.incoming.started)
+
+    @reg.register("query-migrate-parameters")
+    def query_params(args: dict) -> dict:
+        return vm.params.as_qmp()
+
+    @reg.register("migrate-set-parameters",
+                  args={f"*{name}": "any" for name in
+                        [*PARAMETER_DEFAULTS, "block-bitmap-mapping"]})
+    def set_params(args: dict) -> None:
+        vm.params.set_from_qmp(args)
+        f = vm.source.file
+        if f is not None and "max-bandwidth" in args and vm.source.is_running() \
+                and vm.source.status is not MigrationStatus.DEVICE:
+            f.set_rate_limit(vm.params.max_bandwidth_bytes_per_s)
+
+    # -- migration ---------------------------------------------------------------------------
+    @reg.register("query-migrate")
+    def query_migrate(args: dict) -> dict:
+        if vm.source.status is not MigrationStatus.NONE:
+            return vm.source.query()
+        return vm.incoming.query()
+
+    @reg.register("migrate", args={"*uri": "str", "*channels": _CHANNELS, "*detach": "bool",
+                                   "*resume": "bool"})
+    def migrate(args: dict) -> None:
+        if args.get("resume"):
+            raise QMPError("Cannot resume if there is no paused migration")
+        try:
+            address = resolve_migrate_args(args.get("uri"), args.get("channels"))
+        except TransportError as exc:
+            raise QMPError(exc.desc) from None
+        if vm.source.is_running():
+            raise QMPError("There's a migration process in progress")
+        if machine.runstate is RunState.INMIGRATE:
+            raise QMPError("Guest is waiting for an incoming migration")
+        if machine.runstate is RunState.POSTMIGRATE:
+            raise QMPError("Can't migrate the vm that was paused due to previous migration")
+        vm.source.migrate(address)
+
+    @reg.register("migrate-incoming", args={"*uri": "str", "*channels": _CHANNELS,
+                                            "*exit-on-error": "bool"})
+    def migrate_incoming(args: dict) -> None:
+        if vm.incoming.started:
+            raise QMPError("The incoming migration has already been started")
+        if machine.runstate is not RunState.INMIGRATE:
+            raise QMPError("'-incoming' was not specified on the command line")
+        try:
+            uri, channels = args.get("uri"), args.get("channels")
+            if uri and channels or not uri and not channels:
+                raise TransportError("need either 'uri' or 'channels' argument")
+            address = parse_uri(uri) if uri else address_from_channels(channels, incoming=True)
+            vm.incoming.start(address, exit_on_error=args.get("exit-on-error", True))
+        except TransportError as exc:
+            raise QMPError(exc.desc) from None
+
+    @reg.register("migrate_cancel")
+    def migrate_cancel(args: dict) -> None:
+        vm.source.cancel()
+
+    @reg.register("migrate-continue", args={"state": ArgSpec(
+        "str", enum=tuple(s.value for s in MigrationStatus))})
+    def migrate_continue(args: dict) -> None:
+        current = vm.source.status
+        if current.value != args["state"]:
+            raise QMPError(f"Migration not in expected state: {current.value}")
+        vm.source.continue_()
+
+    # -- memory and devices -------------------------------------------------------------------
+    @reg.register("pmemsave", args={"val": "int", "size": "int", "filename": "str"},
+                  blocking=True)
+    def pmemsave(args: dict) -> None:
+        addr, size = args["val"], args["size"]
+        if addr < 0 or size < 0 or addr + size > machine.ram.size:
+            raise QMPError(f"Invalid addr 0x{addr & (2**64 - 1):016x}/size {size} specified")
+        try:
+            with open(args["filename"], "wb") as f:
+                f.write(machine.ram.view[addr:addr + size])
+        except OSError as exc:
+            raise QMPError(f"Could not open '{args['filename']}': {exc.strerror}") from None
+
+    @reg.register("x-accel-digest", args={"id": "str"}, blocking=True)
+    def accel_digest(args: dict) -> dict[str, Any]:
+        dev = machine.devices.get(args["id"])
+        if dev is None:
+            raise QMPError(f"Device '{args['id']}' not found", error_class=DEVICE_NOT_FOUND)
+        return {"sha256": dev.digest()}
