@@ -168,14 +168,16 @@ def test_part_with_unknown_section_id():
 
 
 def test_missing_footer():
-    raw = PRE + encode_section_header(SectionType.SECTION_FULL, 3, "serial", 0, 1) + encode_blob(b"")
+    raw = (PRE + encode_section_header(SectionType.SECTION_FULL, 3, "serial", 0, 1)
+           + encode_blob(b""))
     err = first_error(raw + encode_eof())
     assert (err.message, err.offset, err.section) == (
         "Missing section footer for serial", len(raw), "serial")
 
 
 def test_mismatched_footer():
-    raw = PRE + encode_section_header(SectionType.SECTION_FULL, 3, "serial", 0, 1) + encode_blob(b"")
+    raw = (PRE + encode_section_header(SectionType.SECTION_FULL, 3, "serial", 0, 1)
+           + encode_blob(b""))
     err = first_error(raw + encode_footer(0x15))
     assert err.message == "Mismatched section id in footer for serial - read 0x15 expected 0x3"
     assert err.offset == len(raw) + 1

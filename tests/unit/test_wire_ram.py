@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from livemig.wire import (
     TARGET_PAGE_SIZE,
+    VfioMigFlag,
     encode_blob,
     encode_ram_block_list,
     encode_ram_eos,
@@ -24,7 +25,6 @@ from livemig.wire import (
     encode_tagged_data,
     encode_tagged_end,
     encode_tagged_marker,
-    VfioMigFlag,
 )
 from livemig.wire.ram import PAGE_CONTINUE, ZERO_CONTINUE, scan_continue_run
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livemig.wire import constants as c
 from livemig.wire import (
     Command,
     Configuration,
@@ -40,6 +39,7 @@ from livemig.wire import (
     encode_shut,
     encode_switchover_ack,
 )
+from livemig.wire import constants as c
 from livemig.wire.events import NEED_DATA
 
 pytestmark = pytest.mark.timeout(30)

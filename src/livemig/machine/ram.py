@@ -30,9 +30,15 @@ class RamBlock:
         self.size = size_bytes
         self.mem = mmap.mmap(-1, size_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # Transparent huge pages: 512x fewer first-touch faults when the
+            # destination fills RAM, and fewer TLB misses for the guest and
+            # for the source's page scans. Dirty tracking stays per 4 KiB page.
+            self.mem.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self.mem)
         self.bytes = np.frombuffer(self.mem, dtype=np.uint8)
         self.pages = self.bytes.reshape(-1, TARGET_PAGE_SIZE)
+        self.pages64 = self.pages.view(np.uint64)    # (npages, 512): zero checks by words
 
     @property
     def npages(self) -> int:
@@ -56,7 +62,7 @@ class RamBlock:
 
     def close(self) -> None:
         # Views must go before the mapping can be closed.
-        del self.pages, self.bytes
+        del self.pages, self.pages64, self.bytes
         self.view.release()
         try:
             self.mem.close()

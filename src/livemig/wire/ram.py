@@ -96,14 +96,21 @@ def encode_ram_eos() -> bytes:
 
 
 def _encode_run(block: str, off: npt.NDArray[np.uint64], first_has_block_name: bool,
-                flag: int, stride: int) -> tuple[npt.NDArray[np.uint8], int]:
+                flag: int, stride: int, scratch: npt.NDArray[np.uint8] | None = None,
+                ) -> tuple[npt.NDArray[np.uint8], int]:
     """Lay out n records of one block with numpy; returns (buffer, P0) where P0
-    is the first payload position. Payload bytes are left zeroed."""
+    is the first payload position. Payload bytes are left for the caller to
+    fill. ``scratch``: a reusable buffer to build in when it is large enough
+    (fresh multi-MiB allocations cost a page fault per 4 KiB)."""
     n = off.size
     name = block_name_bytes(block)
     payload = stride - RAM_ADDR.size
     p0 = RAM_ADDR.size + (1 + len(name) if first_has_block_name else 0)
-    out = np.zeros(p0 + payload + (n - 1) * stride, dtype=np.uint8)
+    size = p0 + payload + (n - 1) * stride
+    if scratch is not None and scratch.size >= size:
+        out = scratch[:size]
+    else:
+        out = np.empty(size, dtype=np.uint8)
     words = np.ndarray((n,), dtype=_BE64_DTYPE, buffer=out, offset=p0 - RAM_ADDR.size,
                        strides=(stride,))
     cont = flag | RAM_SAVE_FLAG_CONTINUE
@@ -118,7 +125,8 @@ def _encode_run(block: str, off: npt.NDArray[np.uint64], first_has_block_name: b
 
 
 def encode_ram_pages(block: str, offsets: npt.ArrayLike, pages: npt.ArrayLike, *,
-                     first_has_block_name: bool) -> npt.NDArray[np.uint8]:
+                     first_has_block_name: bool,
+                     scratch: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
     """PAGE records for ``pages[i]`` at byte offset ``offsets[i]`` of ``block``.
 
     One contiguous uint8 buffer (a bytes-like object: ``sock.sendall`` takes it)
@@ -126,7 +134,9 @@ def encode_ram_pages(block: str, offsets: npt.ArrayLike, pages: npt.ArrayLike, *
     ``first_has_block_name`` the first record has no CONTINUE and carries
     ``u8 len, block`` (send it so when the receiver's "last block" differs).
     ``pages``: uint8 (n, 4096), any strides (e.g. a fancy-indexed gather).
-    Empty input gives an empty buffer.
+    Empty input gives an empty buffer. With ``scratch`` (a uint8 buffer the
+    caller reuses) the result is a view of it when it fits: valid until the
+    caller's next encode.
     """
     off = _check_offsets(offsets)
     src = np.asarray(pages)
@@ -134,7 +144,8 @@ def encode_ram_pages(block: str, offsets: npt.ArrayLike, pages: npt.ArrayLike, *
         raise ValueError(f"pages must be uint8 of shape ({off.size}, {TARGET_PAGE_SIZE})")
     if off.size == 0:
         return np.empty(0, dtype=np.uint8)
-    out, p0 = _encode_run(block, off, first_has_block_name, RAM_SAVE_FLAG_PAGE, RAM_PAGE_STRIDE)
+    out, p0 = _encode_run(block, off, first_has_block_name, RAM_SAVE_FLAG_PAGE, RAM_PAGE_STRIDE,
+                          scratch)
     data = np.ndarray((off.size, TARGET_PAGE_SIZE), dtype=np.uint8, buffer=out, offset=p0,
                       strides=(RAM_PAGE_STRIDE, 1))
     data[...] = src
@@ -148,7 +159,8 @@ def encode_ram_zero_pages(block: str, offsets: npt.ArrayLike, *,
     off = _check_offsets(offsets)
     if off.size == 0:
         return np.empty(0, dtype=np.uint8)
-    out, _ = _encode_run(block, off, first_has_block_name, RAM_SAVE_FLAG_ZERO, RAM_ZERO_STRIDE)
+    out, p0 = _encode_run(block, off, first_has_block_name, RAM_SAVE_FLAG_ZERO, RAM_ZERO_STRIDE)
+    out[p0::RAM_ZERO_STRIDE] = 0   # the byte after each address word must be 0
     return out
 
 
