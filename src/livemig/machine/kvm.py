@@ -73,6 +73,7 @@ IDENTITY_MAP_ADDR = 0xFEFFC000
 
 _SLOT = 0
 _KICK_SIGNAL = signal.SIGUSR1
+PAUSE_TIMEOUT_S = 5.0       # pause()/close() give up on a vCPU thread this stuck
 
 # -- the saved vCPU state blob ---------------------------------------------------------
 CPU_STATE_MAGIC = b"KVMC"
@@ -321,17 +322,17 @@ class KvmAccelerator:
                 self._head.immediate_exit = 1   # a KVM_RUN about to start returns at once
             self._run.clear()
             self._cond.notify_all()
-        if self._thread is not None:
             self._kick()
-            self._idle.wait()
+        if self._thread is not None and not self._idle.wait(PAUSE_TIMEOUT_S):
+            raise RuntimeError(f"vcpu0 did not stop within {PAUSE_TIMEOUT_S} s")
         self._idle.set()
 
     def _kick(self) -> None:
-        """Interrupt a KVM_RUN in progress (a no-op for a thread outside it)."""
-        try:
+        """Interrupt a KVM_RUN in progress (the signal stays pending, harmless, if
+        the thread is elsewhere). Called with ``_cond`` held: the thread ends
+        only after taking it, so the thread id is still valid here."""
+        if self._thread is not None and self._thread.is_alive():
             signal.pthread_kill(self._thread.ident, _KICK_SIGNAL)
-        except ProcessLookupError:
-            pass  # the thread has ended
 
     @property
     def running(self) -> bool:
@@ -514,9 +515,9 @@ class KvmAccelerator:
             if self._head is not None:
                 self._head.immediate_exit = 1
             self._cond.notify_all()
-        if self._thread is not None:
             self._kick()
-            self._thread.join(timeout=2)
+        if self._thread is not None:
+            self._thread.join(timeout=PAUSE_TIMEOUT_S)
             if self._thread.is_alive():
                 print("livemig: kvm: vcpu0 did not stop; leaking its VM", file=sys.stderr)
                 return
@@ -542,8 +543,11 @@ class KvmAccelerator:
         # ioctl fail with EINTR; it is then consumed, never delivered.
         normal = signal.pthread_sigmask(signal.SIG_BLOCK, {_KICK_SIGNAL})
         run_mask = _kernel_sigset(set(normal) - {_KICK_SIGNAL})
-        fcntl.ioctl(self._vcpu_fd, abi.KVM_SET_SIGNAL_MASK,
-                    struct.pack("<I", len(run_mask)) + run_mask)
+        try:
+            fcntl.ioctl(self._vcpu_fd, abi.KVM_SET_SIGNAL_MASK,
+                        struct.pack("<I", len(run_mask)) + run_mask)
+        except OSError as exc:
+            self._park(f"KVM_SET_SIGNAL_MASK failed: {exc}")
         while True:
             with self._cond:
                 while (not self._run.is_set() or self._halted) and not self._quit:
@@ -552,7 +556,10 @@ class KvmAccelerator:
                 if self._quit:
                     self._idle.set()
                     return
-            self._run_guest()
+            try:
+                self._run_guest()
+            except Exception as exc:  # keep the thread: pause() must still find it idle
+                self._park(f"vCPU thread error: {exc!r}")
 
     def _run_guest(self) -> None:
         """KVM_RUN until paused (EINTR) or the vCPU parks itself. An exit is always

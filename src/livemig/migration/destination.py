@@ -156,6 +156,8 @@ class IncomingState:
             self._load()
         except (StreamError, LoadError, ValueError) as exc:
             self._fail(str(exc))
+        except TransportError as exc:
+            self._fail(exc.desc)
         except OSError as exc:
             self._fail(f"Input/output error ({exc.strerror or exc})")
         except Exception as exc:

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from livemig.transport import TransportError
 from livemig.wire import (
     NEED_DATA,
     Pong,
@@ -57,7 +58,7 @@ class SourceReturnPath:
                         return
         except ReturnPathError as exc:
             self._fail(str(exc))
-        except OSError:
+        except (OSError, TransportError):
             if self.shut_value is None:
                 self._fail(CHANNEL_ERROR)
         finally:
@@ -119,7 +120,7 @@ class DestinationReturnPath:
                 return
             try:
                 self.channel.sendall(data)
-            except OSError as exc:
+            except (OSError, TransportError) as exc:
                 log.warning("return path send failed: %s", exc)
                 self.closed = True
 
