@@ -118,7 +118,7 @@ def print_table(runs: list[DemoRun]) -> None:
                       "ok" if r.integrity else
                       f"FAILED ram={r.ram_equal} accel={r.accel_equal} "
                       f"pattern={r.pattern_ok} runs={r.dest_runs}")
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 async def demo(args: argparse.Namespace) -> int:

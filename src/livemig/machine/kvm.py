@@ -19,7 +19,14 @@ signal handler is installed, so the accelerator may be created on any thread
 and leaves the process's SIGUSR1 disposition alone.
 
 The walk runs at the vCPU's speed: ``GuestConfig.rate_pages_per_s`` paces the
-soft accelerator only.
+soft accelerator only. On this project's machines (nested ``kvm_pvm``) that is
+~300k pages/s, as for QEMU: the kernel emulates a guest without paging
+instruction by instruction (the vCPU's ``insn_emulation`` stat counts ~5
+instructions per page), with no exit to userspace.
+
+Dirty logging is the classic KVM_GET_DIRTY_LOG (get, clear and re-protect in
+one call). KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 was measured and not adopted: for
+2 GiB it saves under 1.5 ms per sync and per log start, within the noise.
 """
 
 from __future__ import annotations
