@@ -62,4 +62,5 @@ check_offset walk_start "$WALK_START_OFFSET"
 check_offset walk_end "$WALK_END_OFFSET"
 
 cp "$tmp/walk.bin" "$out"
+chmod 644 "$out"
 echo "built $out (512 bytes, sha256 $(sha256sum "$out" | cut -d' ' -f1))"

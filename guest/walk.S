@@ -37,7 +37,7 @@ _start:
         movw    %ax, %es
         movw    %ax, %ss
         movw    $0x7c00, %sp
-        ljmp    $0, $norm_cs            # CS=0 whatever 07c0:0000 vs 0000:7c00
+        ljmp    $0, $norm_cs            # CS=0, whether the BIOS jumped to 07c0:0000 or 0000:7c00
 
 norm_cs:
         # Fast A20 gate: set bit 1 of System Control Port A, never bit 0

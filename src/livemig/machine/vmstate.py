@@ -24,6 +24,10 @@ class OutStream(Protocol):
     def rate_exceeded(self) -> bool:
         """True once this bandwidth window's budget is spent (stop iterating)."""
 
+    def budget_left(self) -> int | None:
+        """Bytes the current window may still carry (None: unlimited), so a
+        device can size its next batch to the limit instead of overshooting."""
+
 
 class LoadContext(Protocol):
     """What the destination engine offers a device while it loads."""

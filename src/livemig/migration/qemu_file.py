@@ -57,6 +57,12 @@ class QEMUFile:
             return True
         return bool(self.rate_limit_bytes) and self.window_bytes >= self.rate_limit_bytes
 
+    def budget_left(self) -> int | None:
+        """Bytes this window may still carry; None when unlimited."""
+        if not self.rate_limit_bytes:
+            return None
+        return max(0, self.rate_limit_bytes - self.window_bytes)
+
     def set_rate_limit(self, bytes_per_s: int) -> None:
         """QEMU's migration_rate_set: budget per 100 ms window (XFER_LIMIT_RATIO 10)."""
         self.rate_limit_bytes = bytes_per_s // 10

@@ -107,7 +107,9 @@ class RamSaveHandler(SaveVMHandlers):
         deadline = time.monotonic() + MAX_WAIT_S
         done = False
         while not out.rate_exceeded():
-            idx = self._next_dirty(BATCH_PAGES)
+            left = out.budget_left()
+            limit = BATCH_PAGES if left is None else max(1, min(BATCH_PAGES, left // 4096))
+            idx = self._next_dirty(limit)
             if idx.size == 0:
                 done = True
                 break
@@ -221,15 +223,26 @@ class RamLoadHandler(SaveVMHandlers):
             self.pages_loaded += int(idx.size)
         elif isinstance(event, RamZeroPages):
             idx = self._page_numbers(event.block, event.offsets)
-            # Only write pages that are not zero already: untouched memory stays unmapped.
-            nz = idx[self.ram.pages[idx].view(np.uint64).any(axis=1)]
-            if nz.size:
-                self.ram.pages[nz] = 0
+            self._zero(idx)
             self.pages_loaded += int(idx.size)
         elif isinstance(event, RamBlockList):
             self._check_blocks(event)
         elif isinstance(event, RamEos):
             pass
+
+    def _zero(self, idx: np.ndarray) -> None:
+        """Zero the pages that are not zero already, reading them in place:
+        untouched destination memory stays unmapped (no RSS, no faults)."""
+        if not idx.size:
+            return
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        words = self.ram.pages64[lo:hi] if hi - lo == idx.size else self.ram.pages64[idx]
+        nonzero = words[:, 0] != 0
+        maybe_zero = np.flatnonzero(~nonzero)
+        if maybe_zero.size:
+            nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
+        if nonzero.any():
+            self.ram.pages[idx[nonzero]] = 0
 
     def _check_blocks(self, event: RamBlockList) -> None:
         for name, size in event.blocks:

@@ -1,0 +1,88 @@
+"""Migration of a running KVM guest between two ``livemig run`` processes.
+
+The guest is our boot sector under KVM; its dirty pages come from KVM's own
+dirty log. After migration it must go on walking on the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from kvm_harness import KVM_OK, KVM_WHY
+
+from livemig.cli.driver import Vm, VmSpec
+from livemig.machine.guest import MIB
+from livemig.machine.walk_check import check_walk_pattern
+
+pytestmark = [pytest.mark.kvm,
+              pytest.mark.skipif(not KVM_OK, reason=f"KVM not usable here: {KVM_WHY}")]
+RAM, WALK_END = "128M", "32M"
+
+
+def walk_first_bytes(mem: bytes) -> np.ndarray:
+    return np.frombuffer(mem, dtype=np.uint8).reshape(-1, 4096)[MIB // 4096: 32 * MIB // 4096, 0]
+
+
+async def migrate(tmp_path, caps: dict[str, bool], *, paused_dst: bool):
+    src = await Vm.start(VmSpec(name="src", ram=RAM, accel="kvm", walk_end=WALK_END), str(tmp_path))
+    dst = await Vm.start(VmSpec(name="dst", ram=RAM, accel="kvm", walk_end=WALK_END,
+                                incoming="defer", paused=paused_dst), str(tmp_path))
+    try:
+        assert (await src.cmd("query-kvm")) == {"enabled": True, "present": True}
+        for vm in (src, dst):
+            await vm.set_caps(events=True, **caps)
+        await src.set_params(max_bandwidth=0)
+        await dst.cmd("migrate-incoming", uri=f"unix:{tmp_path}/mig.sock")
+        await src.wait_serial(lambda d: d.startswith(b"A"), timeout=20)
+        await src.cmd("migrate", uri=f"unix:{tmp_path}/mig.sock")
+        info = await src.wait_status(timeout=60)
+        assert info["status"] == "completed", info.get("error-desc")
+        assert (await dst.wait_status(timeout=30))["status"] == "completed"
+        return src, dst, info
+    except BaseException:
+        await src.close()
+        await dst.close()
+        raise
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("caps", [{}, {"return-path": True, "switchover-ack": True}])
+def test_running_kvm_guest_keeps_walking_on_the_destination(tmp_path, caps):
+    async def main():
+        src, dst, info = await migrate(tmp_path, caps, paused_dst=False)
+        try:
+            assert (await src.cmd("query-status"))["status"] == "postmigrate"
+            assert (await dst.cmd("query-status"))["status"] == "running"
+            before = len(dst.serial_bytes())
+            await dst.wait_serial(lambda d: len(d) > before + 1, timeout=30)   # new 'B's
+            await dst.cmd("stop")
+            assert check_walk_pattern(walk_first_bytes(await dst.pmem(0, 128 * MIB))) == []
+            assert info["ram"]["dirty-sync-count"] >= 2
+        finally:
+            await src.close()
+            await dst.close()
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(90)
+def test_kvm_guest_arrives_byte_exact_with_dash_S(tmp_path):
+    async def main():
+        src, dst, _ = await migrate(tmp_path, {"return-path": True}, paused_dst=True)
+        try:
+            assert (await dst.cmd("query-status"))["status"] == "paused"
+            src_mem, dst_mem = await src.pmem(0, 128 * MIB), await dst.pmem(0, 128 * MIB)
+            assert src_mem == dst_mem
+            assert check_walk_pattern(walk_first_bytes(dst_mem)) == []
+            # and the vCPU state came along: the guest continues from where it stopped
+            await dst.cmd("cont")
+            await asyncio.sleep(0)
+            deadline = asyncio.get_running_loop().time() + 10
+            while (await dst.pmem(MIB, 4096 * 8)) == src_mem[MIB:MIB + 4096 * 8]:
+                assert asyncio.get_running_loop().time() < deadline, "guest did not run"
+                await asyncio.sleep(0.01)
+        finally:
+            await src.close()
+            await dst.close()
+    asyncio.run(main())
