@@ -138,15 +138,24 @@ def test_unix_socket_migration_with_switchover_ack(vms, tmp_path):
 
 
 @pytest.mark.timeout(40)
-def test_exec_migration_through_a_fifo(vms, tmp_path):
+@pytest.mark.xfail(strict=True, reason="BUG: the source never calls Channel.finish() on "
+                   "completion, so closing an exec: channel SIGKILLs the command with the "
+                   "stream's tail still in the pipe")
+def test_exec_migration_through_gzip(vms, tmp_path):
+    """QEMU's documented exec: example: ``exec:gzip -c > FILE`` on the source,
+    ``exec:gzip -dc FILE`` on the destination."""
     async def body():
-        fifo = tmp_path / "stream.fifo"
-        os.mkfifo(fifo)
-        src, dst = await start_pair(vms)
-        await start_incoming(dst, f"exec:cat {fifo}")
-        await src.cmd("migrate", uri=f"exec:cat > {fifo}")
+        path = tmp_path / "vm.mig.gz"
+        src = await vms.start("src", devices=[ACCEL_FAST])
+        await src.set_params(max_bandwidth=0)
+        await wait_walking(src)
+        await src.cmd("migrate", uri=f"exec:gzip -c > {path}")
         assert (await wait_completed(src))["status"] == "completed"
-        assert (await wait_completed(dst))["status"] == "completed"
+
+        dst = await vms.start("dst", devices=[ACCEL_FAST], incoming="defer", paused=True)
+        await start_incoming(dst, f"exec:gzip -dc {path}")
+        dinfo = await wait_completed(dst)
+        assert dinfo["status"] == "completed", dinfo.get("error-desc")
         await assert_same_guest(src, dst)
     run_with(vms, body)
 

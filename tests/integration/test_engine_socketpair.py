@@ -184,3 +184,28 @@ def test_cancel_keeps_the_source_running():
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("channels", [2, 4])
+def test_multifd_is_byte_exact(tmp_path, channels):
+    from livemig.transport import UnixAddress
+    src, dst, out, inc, *_ = make_pair({"multifd": True, "events": True})
+    for side in (out, inc):
+        side.params.set_from_qmp({"multifd-channels": channels})
+    try:
+        addr = UnixAddress(str(tmp_path / "mig.sock"))
+        src.vm_start()
+        wait(lambda: src.cpu.phase == 2)
+        inc.start(addr, exit_on_error=False)
+        out.migrate(addr)
+        wait(lambda: out.sm.is_done() and inc.sm.is_done())
+        assert out.status is S.COMPLETED, out.error_desc
+        assert inc.status is S.COMPLETED, inc.error_desc
+        info = out.query()
+        assert info["ram"]["multifd-bytes"] > 0
+        assert np.array_equal(src.ram.bytes, dst.ram.bytes)
+        assert check_walk_pattern(dst.ram.pages[256:4096, 0]) == []
+    finally:
+        src.close()
+        dst.close()

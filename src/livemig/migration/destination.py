@@ -19,19 +19,23 @@ from typing import Any
 from livemig.machine.runstate import RunState
 from livemig.machine.vmstate import SaveVMHandlers
 from livemig.migration.global_state import GlobalStateHandler
+from livemig.migration.multifd import MultifdReceiver
 from livemig.migration.return_path import DestinationReturnPath
 from livemig.migration.savevm import destination_handlers, find_handler, payload_kinds
 from livemig.migration.status import MigrationStatus as S
 from livemig.migration.status import StatusMachine
 from livemig.transport import TransportError, listen
 from livemig.wire import (
-    MigCmd,
+    MULTIFD_INIT_SIZE,
     NEED_DATA,
+    QEMU_VM_FILE_MAGIC,
     Closed,
     Command,
     Configuration,
     Eof,
     Header,
+    MigCmd,
+    RamMultifdFlush,
     SectionEnd,
     SectionFooter,
     SectionFull,
@@ -40,6 +44,7 @@ from livemig.wire import (
     StreamDecoder,
     StreamError,
     VmDescription,
+    decode_multifd_init,
 )
 
 log = logging.getLogger("livemig.migration")
@@ -75,6 +80,9 @@ class IncomingState:
         self._lock = threading.Lock()
         self._t0 = 0.0
         self.load_times: dict[str, float] = {}
+        self.multifd: MultifdReceiver | None = None
+        self._preread = b""
+        self._multifd_flushes = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -144,8 +152,8 @@ class IncomingState:
     def _thread_main(self) -> None:
         if self.listener is not None:
             try:
-                self.channel = self.listener.accept()
-            except (TransportError, OSError) as exc:
+                self._accept_channels()
+            except (TransportError, OSError, StreamError, LoadError) as exc:
                 self._fail(getattr(exc, "desc", None) or str(exc))
                 return
             finally:
@@ -164,6 +172,30 @@ class IncomingState:
             log.exception("load failed")
             self._fail(f"{type(exc).__name__}: {exc}")
 
+    def _accept_channels(self) -> None:
+        """The main channel, plus ``multifd-channels`` more when multifd is on;
+        they are told apart by their first 4 bytes, as QEMU does."""
+        if not self.caps.get("multifd"):
+            self.channel = self.listener.accept()
+            return
+        n = self.params.multifd_channels
+        multifd: dict[int, Any] = {}
+        while self.channel is None or len(multifd) < n:
+            ch = self.listener.accept(timeout=60)
+            head = bytearray(4)
+            ch.read_exact_into(head)
+            if bytes(head) == QEMU_VM_FILE_MAGIC.to_bytes(4, "big"):
+                self.channel = ch
+                self._preread = bytes(head)
+                continue
+            rest = bytearray(MULTIFD_INIT_SIZE - 4)
+            ch.read_exact_into(rest)
+            init = decode_multifd_init(bytes(head + rest))
+            if init.channel_id >= n or init.channel_id in multifd:
+                raise LoadError(f"multifd: unexpected channel id {init.channel_id}")
+            multifd[init.channel_id] = ch
+        self.multifd = MultifdReceiver([multifd[i] for i in range(n)], self.machine.ram)
+
     def _fail(self, reason: str) -> None:
         self.error_desc = f"load of migration failed: {reason}"
         log.error("%s", self.error_desc)
@@ -179,6 +211,9 @@ class IncomingState:
         if self.channel is not None:
             self.channel.shutdown()
             self.channel.close()
+        if self.multifd is not None:
+            self.multifd.shutdown()
+            self.multifd.close()
         self.sm.force(S.FAILED) if self.sm.status is not S.FAILED else None
         if self.caps.get("events"):
             self.emit("MIGRATION", {"status": "failed"})
@@ -193,6 +228,8 @@ class IncomingState:
         self.global_state = next(h for h in self.handlers
                                  if isinstance(h, GlobalStateHandler))
         dec = StreamDecoder(payload_kinds(self.handlers))
+        if self._preread:
+            dec.receive_data(self._preread)    # the magic multifd classification read
         by_id: dict[int, SaveVMHandlers] = {}
         current: SaveVMHandlers | None = None
         current_type = ""
@@ -229,6 +266,10 @@ class IncomingState:
                 current = None
             elif isinstance(ev, Command):
                 self._command(ev)
+            elif isinstance(ev, RamMultifdFlush):
+                if self.multifd is not None:
+                    self._multifd_flushes += 1
+                    self.multifd.wait_sync(self._multifd_flushes)
             elif isinstance(ev, Configuration):
                 self._configuration(ev)
             elif isinstance(ev, Eof):
@@ -287,6 +328,12 @@ class IncomingState:
             except ValueError as exc:
                 raise LoadError(f"error while loading state for device '{h.idstr}': "
                                 f"{exc}") from exc
+        if self.multifd is not None:
+            # The last MULTIFD_FLUSH already waited for every page; the channels are done.
+            if self.multifd.error:
+                raise LoadError(self.multifd.error)
+            self.multifd.shutdown()
+            self.multifd.close()
         self._mark("dst-loaded")
         received = self.global_state.runstate or "running"
         if received == "running" and self.machine.autostart:

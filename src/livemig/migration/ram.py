@@ -25,6 +25,7 @@ from livemig.wire import (
     RamZeroPages,
     encode_ram_block_list,
     encode_ram_eos,
+    encode_ram_multifd_flush,
     encode_ram_pages,
     encode_ram_zero_pages,
 )
@@ -68,6 +69,8 @@ class RamSaveHandler(SaveVMHandlers):
         self._scratch = np.empty(BATCH_PAGES * 4 * (TARGET_PAGE_SIZE + 8) + 256, dtype=np.uint8)
         self._rate_t0 = time.monotonic()
         self._rate_pages = 0
+        self.multifd = None            # a MultifdSender when the capability is on
+        self._flush_pending = False
 
     # -- dirty tracking ---------------------------------------------------------
     def bitmap_sync(self) -> None:
@@ -82,6 +85,9 @@ class RamSaveHandler(SaveVMHandlers):
             c.dirty_pages_rate = int(self._rate_pages / (now - self._rate_t0))
             self._rate_t0, self._rate_pages = now, 0
         c.dirty_bytes_last_sync = self.remaining_bytes()
+        # Pages re-dirtied by this sync must not overtake their older copies on
+        # another multifd channel: a sync point goes out before the next page.
+        self._flush_pending = self.multifd is not None
         self.on_sync(c.dirty_sync_count)
 
     def remaining_bytes(self) -> int:
@@ -103,7 +109,14 @@ class RamSaveHandler(SaveVMHandlers):
         self.bitmap_sync()
         return self.remaining_bytes()
 
+    def _multifd_flush(self, out: OutStream, *, force: bool = False) -> None:
+        if self.multifd is not None and (self._flush_pending or force):
+            self.multifd.sync()
+            out.write(encode_ram_multifd_flush())
+            self._flush_pending = False
+
     def save_live_iterate(self, out: OutStream) -> bool:
+        self._multifd_flush(out)
         deadline = time.monotonic() + MAX_WAIT_S
         done = False
         while not out.rate_exceeded():
@@ -121,11 +134,13 @@ class RamSaveHandler(SaveVMHandlers):
 
     def save_live_complete_precopy(self, out: OutStream) -> None:
         self.bitmap_sync()
+        self._multifd_flush(out)
         while True:
             idx = self._next_dirty(BATCH_PAGES * 4)
             if idx.size == 0:
                 break
             self._send_pages(out, idx, downtime=True)
+        self._multifd_flush(out, force=True)   # every page is in before the devices load
         out.write(encode_ram_eos())
 
     def save_cleanup(self) -> None:
@@ -160,6 +175,12 @@ class RamSaveHandler(SaveVMHandlers):
     def _send_pages(self, out: OutStream, idx: np.ndarray, *, downtime: bool) -> None:
         """Send one batch of page numbers (ascending). Contiguous batches, the
         common case, are read in place: no gather copy before the encode copy."""
+        if self.multifd is not None:
+            # Zero detection happens on the channel threads; normal/duplicate and
+            # the bytes come from the sender (precopy/downtime split: not kept).
+            self.multifd.queue_pages(idx)
+            self.counters.pages_in_window += int(idx.size)
+            return
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         contiguous = hi - lo == idx.size
         words = self.ram.pages64[lo:hi] if contiguous else self.ram.pages64[idx]

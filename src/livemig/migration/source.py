@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 from livemig.machine.runstate import RunState
 from livemig.migration import switchover
 from livemig.migration.global_state import GlobalStateHandler
+from livemig.migration.multifd import MultifdSender
 from livemig.migration.qemu_file import QEMUFile
 from livemig.migration.ram import RamSaveHandler
 from livemig.migration.return_path import SourceReturnPath
@@ -91,6 +93,7 @@ class MigrationState:
         self.ram: RamSaveHandler | None = None
         self.rp: SourceReturnPath | None = None
         self.channel = None
+        self.multifd: MultifdSender | None = None
         self.switchover_acked = False
         self.switchover_ack_user_num = 0
         self.iterations = 0
@@ -146,6 +149,8 @@ class MigrationState:
         self._continue.set()
         if self.channel is not None:
             self.channel.shutdown()
+        if self.multifd is not None:
+            self.multifd.shutdown()
         if self.rp is not None:
             self.rp.shutdown()
 
@@ -186,6 +191,8 @@ class MigrationState:
             raise MigrationCancelled()
         if self.rp is not None and self.rp.error:
             raise RuntimeError(self.rp.error)
+        if self.multifd is not None and self.multifd.error:
+            raise RuntimeError(self.multifd.error)
 
     def _run(self, address) -> None:
         if isinstance(address, Channel):
@@ -212,6 +219,9 @@ class MigrationState:
 
         self.handlers = source_handlers(self.machine, self._on_sync)
         self.ram = self.handlers[0]  # type: ignore[assignment]
+        if self.caps.get("multifd"):
+            self.multifd = self._open_multifd(address)
+            self.ram.multifd = self.multifd
         self.global_state = next(h for h in self.handlers if isinstance(h, GlobalStateHandler))
         for sid, h in enumerate(self.handlers):
             if h.iterable:
@@ -228,6 +238,18 @@ class MigrationState:
             self._check()
         self._iterate_until_complete(f)
 
+    def _open_multifd(self, address) -> MultifdSender:
+        n = self.params.multifd_channels
+        channels = []
+        try:
+            for _ in range(n):
+                channels.append(open_outgoing(address))
+        except TransportError as exc:
+            for ch in channels:
+                ch.close()
+            raise RuntimeError(exc.desc) from None
+        return MultifdSender(channels, self.machine.ram, os.urandom(16))
+
     def _can_switchover(self) -> bool:
         return switchover.can_switchover(
             switchover_ack=bool(self.caps.get("switchover-ack")),
@@ -236,7 +258,7 @@ class MigrationState:
 
     def _iterate_until_complete(self, f: QEMUFile) -> None:
         window_t0 = time.monotonic()
-        window_bytes0 = f.transferred
+        window_bytes0 = self.transferred()
         assert self.ram is not None
         while True:
             self._check()
@@ -255,8 +277,8 @@ class MigrationState:
             now = time.monotonic()
             window_ms = (now - window_t0) * 1000
             if window_ms >= switchover.BUFFER_DELAY_MS:
-                self._close_window(f.transferred - window_bytes0, window_ms)
-                window_t0, window_bytes0 = now, f.transferred
+                self._close_window(self.transferred() - window_bytes0, window_ms)
+                window_t0, window_bytes0 = now, self.transferred()
                 f.window_bytes = 0
                 continue
             left_ms = switchover.BUFFER_DELAY_MS - window_ms
@@ -339,6 +361,8 @@ class MigrationState:
                 f.write(encode_section_header(SectionType.SECTION_END, sid))
                 h.save_live_complete_precopy(f)
                 f.write(encode_footer(sid))
+        if self.multifd is not None:
+            self.multifd.finish()          # every page packet is out before the devices
         self._mark("src-iterable-saved")
         for sid, h in enumerate(self.handlers):
             if not h.iterable:
@@ -361,8 +385,13 @@ class MigrationState:
         total_ms = (end - self.times.start) * 1000
         setup_ms = ((self.times.setup_done or end) - self.times.start) * 1000
         if total_ms - setup_ms > 0:
-            self.mbps = f.transferred * 8 / (total_ms - setup_ms) / 1000
+            self.mbps = self.transferred() * 8 / (total_ms - setup_ms) / 1000
         self._set(S.DEVICE, S.COMPLETED)
+
+    def transferred(self) -> int:
+        """All bytes sent: main channel plus multifd channels (QEMU's transferred)."""
+        return ((self.file.transferred if self.file else 0)
+                + (self.multifd.bytes_sent if self.multifd else 0))
 
     def _vmdesc(self) -> bytes:
         devices = [{"name": h.idstr, "instance_id": h.instance_id, "vmsd_name": h.idstr,
@@ -396,6 +425,9 @@ class MigrationState:
                     self.machine.set_runstate(RunState.PAUSED)
         if self.channel is not None:
             self.channel.shutdown()
+        if self.multifd is not None:
+            self.multifd.shutdown()
+            self.multifd.close()
         if self.rp is not None:
             self.rp.shutdown()
             self.rp.join(2.0)
@@ -425,19 +457,20 @@ class MigrationState:
             if self.times.setup_done is not None:
                 info["setup-time"] = ms(self.times.setup_done - self.times.start)
             done = status is S.COMPLETED
+            mfd = self.multifd
             info["ram"] = {
-                "transferred": self.file.transferred if self.file else 0,
+                "transferred": self.transferred(),
                 "remaining": 0 if done else self.ram.remaining_bytes(),
                 "total": self.machine.ram.size,
-                "duplicate": c.duplicate,
-                "normal": c.normal,
-                "normal-bytes": c.normal * 4096,
+                "duplicate": c.duplicate + (mfd.zero_pages if mfd else 0),
+                "normal": c.normal + (mfd.normal_pages if mfd else 0),
+                "normal-bytes": (c.normal + (mfd.normal_pages if mfd else 0)) * 4096,
                 "dirty-pages-rate": 0 if done else c.dirty_pages_rate,
                 "mbps": round(self.mbps, 2),
                 "dirty-sync-count": c.dirty_sync_count,
                 "postcopy-requests": 0,
                 "page-size": 4096,
-                "multifd-bytes": 0,
+                "multifd-bytes": mfd.bytes_sent if mfd else 0,
                 "pages-per-second": int(self.pages_per_second),
                 "precopy-bytes": c.precopy_bytes,
                 "downtime-bytes": c.downtime_bytes,

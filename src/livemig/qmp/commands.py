@@ -102,6 +102,8 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             address = resolve_migrate_args(args.get("uri"), args.get("channels"))
         except TransportError as exc:
             raise QMPError(exc.desc) from None
+        if vm.caps.get("multifd") and not isinstance(address, (InetAddress, UnixAddress)):
+            raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
         if vm.source.is_running():
             raise QMPError("There's a migration process in progress")
         if machine.runstate is RunState.INMIGRATE:
@@ -122,6 +124,8 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             if uri and channels or not uri and not channels:
                 raise TransportError("need either 'uri' or 'channels' argument")
             address = parse_uri(uri) if uri else address_from_channels(channels, incoming=True)
+            if vm.caps.get("multifd") and not isinstance(address, (InetAddress, UnixAddress)):
+                raise TransportError("Migration requires multi-channel URIs (e.g. tcp)")
             vm.incoming.start(address, exit_on_error=args.get("exit-on-error", True))
         except TransportError as exc:
             raise QMPError(exc.desc) from None

@@ -37,6 +37,7 @@ from .events import (
     NeedData,
     RamBlockList,
     RamEos,
+    RamMultifdFlush,
     RamPages,
     RamZeroPages,
     SectionEnd,
@@ -49,6 +50,18 @@ from .events import (
     TaggedEnd,
     VmDescription,
 )
+from .multifd import (
+    MULTIFD_FLAG_SYNC,
+    MULTIFD_INIT_SIZE,
+    MULTIFD_MAGIC,
+    MultifdInit,
+    MultifdPacket,
+    decode_multifd_init,
+    decode_multifd_packet_header,
+    encode_multifd_init,
+    encode_multifd_packet_header,
+    multifd_packet_header_size,
+)
 from .payloads import (
     PayloadKind,
     encode_blob,
@@ -59,6 +72,7 @@ from .payloads import (
 from .ram import (
     encode_ram_block_list,
     encode_ram_eos,
+    encode_ram_multifd_flush,
     encode_ram_pages,
     encode_ram_zero_pages,
 )
@@ -89,6 +103,16 @@ from .stream import (
 )
 
 __all__ = [
+    "MULTIFD_FLAG_SYNC",
+    "MULTIFD_INIT_SIZE",
+    "MULTIFD_MAGIC",
+    "MultifdInit",
+    "MultifdPacket",
+    "decode_multifd_init",
+    "decode_multifd_packet_header",
+    "encode_multifd_init",
+    "encode_multifd_packet_header",
+    "multifd_packet_header_size",
     "MIG_RP_MSG_X_ERROR",
     "NEED_DATA",
     "QEMU_VM_FILE_MAGIC",
@@ -107,6 +131,7 @@ __all__ = [
     "Pong",
     "RamBlockList",
     "RamEos",
+    "RamMultifdFlush",
     "RamPages",
     "RamZeroPages",
     "ReturnPathDecoder",
@@ -140,6 +165,7 @@ __all__ = [
     "encode_pong",
     "encode_ram_block_list",
     "encode_ram_eos",
+    "encode_ram_multifd_flush",
     "encode_ram_pages",
     "encode_ram_zero_pages",
     "encode_rp_message",

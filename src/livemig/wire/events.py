@@ -180,6 +180,12 @@ class RamEos:
     """RAM_SAVE_FLAG_EOS: end of this RAM section's payload."""
 
 
+@dataclass(frozen=True, slots=True)
+class RamMultifdFlush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: every multifd channel has a SYNC packet
+    queued up to here; the destination waits for all of them before going on."""
+
+
 # --- TAGGED payload (VFIO-style) ------------------------------------------------------
 
 

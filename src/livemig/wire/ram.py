@@ -32,6 +32,7 @@ from .constants import (
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
     RAM_ZERO_STRIDE,
@@ -88,6 +89,11 @@ def encode_ram_block_list(blocks: Iterable[tuple[str, int]]) -> bytes:
     if total >= RAM_OFFSET_LIMIT:
         raise ValueError("total RAM size too large")
     return BE64.pack(total | RAM_SAVE_FLAG_MEM_SIZE) + b"".join(parts)
+
+
+def encode_ram_multifd_flush() -> bytes:
+    """A multifd sync point in the main stream (RAM_SAVE_FLAG_MULTIFD_FLUSH)."""
+    return BE64.pack(RAM_SAVE_FLAG_MULTIFD_FLUSH)
 
 
 def encode_ram_eos() -> bytes:

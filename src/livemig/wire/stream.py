@@ -73,6 +73,7 @@ from .events import (
     NeedDataT,
     RamBlockList,
     RamEos,
+    RamMultifdFlush,
     RamPages,
     RamZeroPages,
     SectionEnd,
@@ -291,8 +292,8 @@ class StreamDecoder:
     offset past the block's length -> ``Illegal RAM offset``), so consumers may
     index their RAM with the offsets directly. Assumes the capabilities that
     change RAM framing are off (postcopy-ram page sizes, x-ignore-shared,
-    mapped-ram, xbzrle, rdma); MULTIFD_FLUSH records are skipped, as QEMU does
-    without multifd. Section versions are reported, not checked.
+    mapped-ram, xbzrle, rdma); MULTIFD_FLUSH records come out as ``RamMultifdFlush`` (ignore them
+    without multifd, as QEMU does). Section versions are reported, not checked.
     """
 
     def __init__(self, payload_kinds: Mapping[str, PayloadKind], *,
@@ -692,8 +693,8 @@ class StreamDecoder:
             self._ram_list = _RamListProgress(offset, offset)
             return None
         if kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
-            rb.start = p + RAM_ADDR.size  # a no-op without multifd, as in QEMU
-            return None
+            rb.start = p + RAM_ADDR.size  # a sync point; a no-op without multifd, as in QEMU
+            return RamMultifdFlush()
         if kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_HOOK):
             raise self._err(f"Unsupported RAM flags 0x{flags:x}: the xbzrle and rdma "
                             "capabilities are not supported", p)

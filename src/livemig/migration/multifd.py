@@ -1,0 +1,244 @@
+"""multifd: RAM pages on parallel channels, device state and sync points on
+the main channel (QEMU's migration/multifd.c, much reduced).
+
+Source: the RAM handler hands batches of page numbers to :class:`MultifdSender`;
+one thread per channel reads the pages, detects zero pages (QEMU 10.0's
+default ``zero-page-detection=multifd``), and sends a packet. A sync puts a
+SYNC packet on every channel and a MULTIFD_FLUSH record in the main stream.
+
+Destination: one thread per channel applies packets to RAM. At each SYNC
+packet all channel threads meet at a barrier, so a page re-sent in the next
+round on another channel can never be overtaken by its older copy; the load
+thread waits at each MULTIFD_FLUSH until every channel has passed that sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from livemig.wire import (
+    MULTIFD_FLAG_SYNC,
+    decode_multifd_packet_header,
+    encode_multifd_init,
+    encode_multifd_packet_header,
+    multifd_packet_header_size,
+)
+
+log = logging.getLogger("livemig.migration")
+PACKET_PAGES = 256            # 1 MiB of pages per packet
+QUEUE_DEPTH = 4               # packets queued per channel before the caller blocks
+_SYNC = object()
+_STOP = object()
+
+
+class MultifdSender:
+    """Source side. ``@bottom_half``: queue_pages/sync from the migration thread;
+    one sender thread per channel."""
+
+    def __init__(self, channels: list[Any], ram, uuid: bytes) -> None:
+        self.ram = ram
+        self.channels = channels
+        self.bytes_sent = 0
+        self.zero_pages = 0
+        self.normal_pages = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._next = 0
+        self._packet_num = 0
+        self._queues: list[queue.Queue] = [queue.Queue(QUEUE_DEPTH) for _ in channels]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
+                                          name=f"mig/src/send_{i}")
+                         for i in range(len(channels))]
+        for i, ch in enumerate(channels):
+            ch.sendall(encode_multifd_init(uuid, i))
+        for t in self._threads:
+            t.start()
+
+    def queue_pages(self, idx: np.ndarray) -> None:
+        """Send these page numbers (ascending) on the next channel(s), round robin."""
+        for lo in range(0, idx.size, PACKET_PAGES):
+            self._put(self._next, idx[lo:lo + PACKET_PAGES])
+            self._next = (self._next + 1) % len(self.channels)
+
+    def sync(self) -> None:
+        """A SYNC packet on every channel, after everything queued so far."""
+        for i in range(len(self.channels)):
+            self._put(i, _SYNC)
+
+    def _put(self, i: int, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise RuntimeError(self.error)
+            try:
+                self._queues[i].put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self, i: int) -> None:
+        ch, q = self.channels[i], self._queues[i]
+        name = self.ram.idstr
+        buf = np.empty((PACKET_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
+        try:
+            while (item := q.get()) is not _STOP:
+                with self._lock:
+                    num = self._packet_num
+                    self._packet_num += 1
+                if item is _SYNC:
+                    head = encode_multifd_packet_header(
+                        flags=MULTIFD_FLAG_SYNC, normal_offsets=np.empty(0, np.uint64),
+                        zero_offsets=np.empty(0, np.uint64), packet_num=num, block=name)
+                    ch.sendall(head)
+                    self.bytes_sent += len(head)
+                    continue
+                idx = item
+                words = self.ram.pages64[idx]
+                nonzero = words[:, 0] != 0
+                maybe = np.flatnonzero(~nonzero)
+                if maybe.size:
+                    nonzero[maybe] = words[maybe].any(axis=1)
+                normal = idx[nonzero]
+                pages = buf[:normal.size]
+                np.take(self.ram.pages, normal, axis=0, out=pages)
+                head = encode_multifd_packet_header(
+                    flags=0, normal_offsets=normal.astype(np.uint64) << TARGET_PAGE_BITS,
+                    zero_offsets=idx[~nonzero].astype(np.uint64) << TARGET_PAGE_BITS,
+                    packet_num=num, block=name)
+                ch.sendmsg_all([head, pages] if pages.size else [head])
+                self.bytes_sent += len(head) + pages.nbytes
+                self.normal_pages += int(normal.size)
+                self.zero_pages += int(idx.size - normal.size)
+        except Exception as exc:  # noqa: BLE001 - reported through self.error
+            self.error = getattr(exc, "desc", None) or str(exc)
+            log.debug("multifd send %d failed", i, exc_info=True)
+
+    def finish(self) -> None:
+        """Wait until every queued packet went out (before EOF)."""
+        for i in range(len(self.channels)):
+            self._put(i, _STOP)
+        for t in self._threads:
+            t.join()
+        if self.error is not None:
+            raise RuntimeError(self.error)
+        self.close()     # EOF on every channel: the receivers are done
+
+    def shutdown(self) -> None:
+        for ch in self.channels:
+            ch.shutdown()
+        self.error = self.error or "multifd: migration cancelled"
+        for q in self._queues:
+            try:
+                q.put_nowait(_STOP)
+            except queue.Full:
+                pass
+
+    def close(self) -> None:
+        for ch in self.channels:
+            try:
+                ch.close()
+            except Exception:  # noqa: BLE001
+                log.debug("multifd close failed", exc_info=True)
+
+
+class MultifdReceiver:
+    """Destination side: one thread per channel applying packets to RAM."""
+
+    def __init__(self, channels: list[Any], ram) -> None:
+        self.ram = ram
+        self.channels = channels
+        self.error: str | None = None
+        self.pages = 0
+        self._barrier = threading.Barrier(len(channels))
+        self._cond = threading.Condition()
+        self._syncs = [0] * len(channels)
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
+                                          name=f"mig/dst/recv_{i}")
+                         for i in range(len(channels))]
+        for t in self._threads:
+            t.start()
+
+    def wait_sync(self, count: int) -> None:
+        """Block until every channel has passed its ``count``-th SYNC."""
+        with self._cond:
+            while min(self._syncs) < count:
+                if self.error is not None:
+                    raise RuntimeError(self.error)
+                self._cond.wait(0.1)
+
+    def _run(self, i: int) -> None:
+        ch = self.channels[i]
+        head = bytearray(multifd_packet_header_size())
+        data = np.empty((PACKET_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
+        ram = self.ram
+        try:
+            while True:
+                if ch.recv_into(memoryview(head)[:1]) == 0:
+                    return                       # the source closed: done
+                ch.read_exact_into(memoryview(head)[1:])
+                pkt = decode_multifd_packet_header(bytes(head))
+                if pkt.block != ram.idstr:
+                    raise ValueError(f"multifd: unknown RAM block {pkt.block!r}")
+                n = pkt.normal_pages + pkt.zero_pages
+                offs = np.empty(n, dtype=">u8")
+                if n:
+                    ch.read_exact_into(memoryview(offs).cast("B"))
+                pages = (offs.astype(np.int64) >> TARGET_PAGE_BITS)
+                if pages.size and (pages.min() < 0 or pages.max() >= ram.npages):
+                    raise ValueError("multifd: page offset outside RAM")
+                normal, zero = pages[:pkt.normal_pages], pages[pkt.normal_pages:]
+                if normal.size:
+                    if normal.size > PACKET_PAGES:
+                        data = np.empty((normal.size, TARGET_PAGE_SIZE), dtype=np.uint8)
+                    buf = data[:normal.size]
+                    ch.read_exact_into(memoryview(buf).cast("B"))
+                    lo, hi = int(normal[0]), int(normal[-1]) + 1
+                    if hi - lo == normal.size:
+                        ram.pages[lo:hi] = buf
+                    else:
+                        ram.pages[normal] = buf
+                if zero.size:
+                    nz = zero[ram.pages64[zero, 0] != 0]
+                    rest = np.setdiff1d(zero, nz, assume_unique=True)
+                    if rest.size:
+                        nz = np.concatenate([nz, rest[ram.pages64[rest].any(axis=1)]])
+                    if nz.size:
+                        ram.pages[nz] = 0
+                self.pages += n
+                if pkt.sync:
+                    self._barrier.wait()
+                    with self._cond:
+                        self._syncs[i] += 1
+                        self._cond.notify_all()
+        except threading.BrokenBarrierError:
+            self._fail("multifd: another channel failed")
+        except Exception as exc:  # noqa: BLE001 - reported through self.error
+            self._fail(getattr(exc, "desc", None) or str(exc))
+
+    def _fail(self, desc: str) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = desc
+            self._cond.notify_all()
+        self._barrier.abort()
+
+    def join(self, timeout: float = 5.0) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def shutdown(self) -> None:
+        for ch in self.channels:
+            ch.shutdown()
+        self._barrier.abort()
+
+    def close(self) -> None:
+        for ch in self.channels:
+            try:
+                ch.close()
+            except Exception:  # noqa: BLE001
+                log.debug("multifd close failed", exc_info=True)
