@@ -31,7 +31,7 @@ PREPARE_MS = 400
 # A VFIO-like device that needs PREPARE_MS of preparation on the destination
 # (ACCEL_FAST: 100 ms, for tests that do not measure the preparation).
 ACCEL = f"accel,id=acc0,size=8M,init-size=1M,prepare-ms={PREPARE_MS}"
-ACCEL_FAST = "accel,id=acc0,size=8M,init-size=1M,prepare-ms=100"
+ACCEL_FAST = "accel,id=acc0,size=8M,init-size=1M,prepare-ms=100,dirty-rate=50"
 
 
 def run(coro: Awaitable[Any]) -> Any:

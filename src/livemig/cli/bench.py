@@ -34,7 +34,6 @@ SCENARIOS = {
     "2G-1G-multifd4": ("2G", "1G", 300, ("multifd",), 4),
 }
 DEFAULT_SCENARIOS = ("512M-100M-dl300", "2G-1G-dl300")
-WALK_RATE_PAGES_PER_S = 280_000
 
 
 @dataclass
@@ -70,8 +69,14 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
         await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
         await src.wait_serial(lambda d: d.startswith(b"A"))
-        # Let the walk zero its range and start walking (one pass at the walk's rate).
-        await asyncio.sleep(1.2 * parse_size(walk_end) / 4096 / WALK_RATE_PAGES_PER_S + 0.2)
+        # Wait until the walk zeroed its range and completed a first pass: the
+        # last page's first byte turns non-zero. Same signal on both engines.
+        last = parse_size(walk_end) - 4096
+        deadline = time.monotonic() + 120
+        while (await src.pmem(last, 1)) == b"\0":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the guest's walk did not complete a pass")
+            await asyncio.sleep(0.05)
         await src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         info = await src.wait_status(timeout=300, poll=0.01)
         await dst.wait_status(timeout=60)

@@ -306,19 +306,16 @@ class MigrationState:
     def _close_window(self, nbytes: int, window_ms: float) -> None:
         assert self.ram is not None
         c = self.ram.counters
-        # Pending is counted in pages (4 KiB each, zero pages included), so the rate
-        # that drains it is pages x 4 KiB per ms, not wire bytes (a zero page is 9).
         w = switchover.close_window(nbytes, c.pages_in_window, window_ms)
-        drain_bytes_per_ms = max(nbytes, c.pages_in_window * 4096) / window_ms
         c.pages_in_window = 0
         self.mbps = w.mbps
         self.pages_per_second = w.pages_per_second
         limit = self.params.downtime_limit_ms
         self.threshold_bytes = switchover.threshold_size(
-            drain_bytes_per_ms, limit, self.params.avail_switchover_bandwidth_bytes_per_s)
+            w.bandwidth_bytes_per_ms, limit, self.params.avail_switchover_bandwidth_bytes_per_s)
         if c.dirty_pages_rate and nbytes > 10000:
             self.expected_downtime_ms = switchover.expected_downtime_ms(
-                c.dirty_bytes_last_sync, drain_bytes_per_ms, limit)
+                c.dirty_bytes_last_sync, w.bandwidth_bytes_per_ms, limit)
         self.pass_history.append({"t-ms": ms(time.monotonic() - self.times.start),
                                   "bytes": nbytes, "bw-bytes-per-ms": round(w.bandwidth_bytes_per_ms),
                                   "remaining": self.ram.remaining_bytes(),

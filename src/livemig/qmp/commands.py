@@ -13,7 +13,14 @@ from livemig.migration.status import MigrationStatus
 from livemig.qapi.parameters import DEFAULTS as PARAMETER_DEFAULTS
 from livemig.qmp.errors import QMPError
 from livemig.qmp.registry import ArgSpec, CommandRegistry
-from livemig.transport import TransportError, address_from_channels, parse_uri, resolve_migrate_args
+from livemig.transport import (
+    InetAddress,
+    TransportError,
+    UnixAddress,
+    address_from_channels,
+    parse_uri,
+    resolve_migrate_args,
+)
 
 if TYPE_CHECKING:
     from livemig.cli.run import VmProcess
