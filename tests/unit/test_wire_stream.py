@@ -27,6 +27,7 @@ from livemig.wire import (
     PayloadKind,
     RamBlockList,
     RamEos,
+    RamMultifdFlush,
     RamPages,
     RamZeroPages,
     SectionEnd,
@@ -430,7 +431,7 @@ def test_part_resolves_idstr_from_a_full_section_id():
     assert events[-3:] == [SectionPart(9, "serial"), Blob(b"y"), SectionFooter(9)]
 
 
-def test_multifd_flush_record_is_skipped():
+def test_multifd_flush_record_is_a_sync_event():
     raw = (encode_header() + encode_configuration("m")
            + encode_section_header(SectionType.SECTION_START, 0, "ram", 0, 4)
            + encode_ram_block_list(BLOCKS) + (0x200).to_bytes(8, "big") + encode_ram_eos()
@@ -440,7 +441,8 @@ def test_multifd_flush_record_is_skipped():
     events = []
     while (ev := dec.next_event()) is not NEED_DATA:
         events.append(type(ev))
-    assert events == [Header, Configuration, SectionStart, RamBlockList, RamEos, SectionFooter]
+    assert events == [Header, Configuration, SectionStart, RamBlockList, RamMultifdFlush, RamEos,
+                      SectionFooter]
 
 
 def test_last_block_persists_across_sections():

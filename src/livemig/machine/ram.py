@@ -12,6 +12,8 @@ import mmap
 
 import numpy as np
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
 TARGET_PAGE_SIZE = 4096
 TARGET_PAGE_BITS = 12
 
@@ -39,6 +41,9 @@ class RamBlock:
         self.bytes = np.frombuffer(self.mem, dtype=np.uint8)
         self.pages = self.bytes.reshape(-1, TARGET_PAGE_SIZE)
         self.pages64 = self.pages.view(np.uint64)    # (npages, 512): zero checks by words
+        # Pages an incoming migration wrote here; the others of this fresh
+        # mapping are zero, so a zero page for them needs no read (no fault).
+        self.loaded = np.zeros(self.npages, dtype=bool)
 
     @property
     def npages(self) -> int:
@@ -48,6 +53,17 @@ class RamBlock:
     def host_address(self) -> int:
         """Userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+
+    def resident_pages(self) -> np.ndarray:
+        """One bool per page: is it backed by memory (mincore)? A page of this
+        anonymous mapping that is not resident was never written: it is zero.
+        Lets the first migration pass skip reading untouched guest RAM."""
+        vec = np.zeros(self.npages, dtype=np.uint8)
+        rc = _libc.mincore(ctypes.c_void_p(self.host_address), ctypes.c_size_t(self.size),
+                           vec.ctypes.data_as(ctypes.c_void_p))
+        if rc != 0:
+            return np.ones(self.npages, dtype=bool)   # unknown: treat all as maybe non-zero
+        return (vec & 1).astype(bool)
 
     def read(self, addr: int, size: int) -> bytes:
         """Guest-physical read (addr is an offset in this block), bounds-checked."""

@@ -21,6 +21,9 @@ class OutStream(Protocol):
     def write(self, data: Any) -> None:
         """Queue bytes / bytearray / memoryview / C-contiguous uint8 ndarray."""
 
+    def flush(self) -> None:
+        """Push buffered bytes to the channel now (before waiting on the peer)."""
+
     def rate_exceeded(self) -> bool:
         """True once this bandwidth window's budget is spent (stop iterating)."""
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from livemig.migration.ram import zero_pages
 from livemig.wire import (
     MULTIFD_FLAG_SYNC,
     decode_multifd_packet_header,
@@ -60,10 +61,11 @@ class MultifdSender:
         for t in self._threads:
             t.start()
 
-    def queue_pages(self, idx: np.ndarray) -> None:
-        """Send these page numbers (ascending) on the next channel(s), round robin."""
+    def queue_pages(self, idx: np.ndarray, known_zero: np.ndarray) -> None:
+        """Send these page numbers (ascending) on the next channel(s), round robin;
+        ``known_zero`` marks pages known to be zero without reading them."""
         for lo in range(0, idx.size, PACKET_PAGES):
-            self._put(self._next, idx[lo:lo + PACKET_PAGES])
+            self._put(self._next, (idx[lo:lo + PACKET_PAGES], known_zero[lo:lo + PACKET_PAGES]))
             self._next = (self._next + 1) % len(self.channels)
 
     def sync(self) -> None:
@@ -97,12 +99,16 @@ class MultifdSender:
                     ch.sendall(head)
                     self.bytes_sent += len(head)
                     continue
-                idx = item
-                words = self.ram.pages64[idx]
-                nonzero = words[:, 0] != 0
-                maybe = np.flatnonzero(~nonzero)
-                if maybe.size:
-                    nonzero[maybe] = words[maybe].any(axis=1)
+                idx, known_zero = item
+                nonzero = ~known_zero
+                check = np.flatnonzero(nonzero)
+                if check.size:
+                    words = self.ram.pages64[idx[check]]
+                    first = words[:, 0] != 0
+                    maybe = np.flatnonzero(~first)
+                    if maybe.size:
+                        first[maybe] = words[maybe].any(axis=1)
+                    nonzero[check] = first
                 normal = idx[nonzero]
                 pages = buf[:normal.size]
                 np.take(self.ram.pages, normal, axis=0, out=pages)
@@ -154,7 +160,7 @@ class MultifdReceiver:
         self.channels = channels
         self.error: str | None = None
         self.pages = 0
-        self._barrier = threading.Barrier(len(channels))
+        self._released = 0
         self._cond = threading.Condition()
         self._syncs = [0] * len(channels)
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
@@ -170,6 +176,8 @@ class MultifdReceiver:
                 if self.error is not None:
                     raise RuntimeError(self.error)
                 self._cond.wait(0.1)
+            self._released = count
+            self._cond.notify_all()
 
     def _run(self, i: int) -> None:
         ch = self.channels[i]
@@ -200,23 +208,23 @@ class MultifdReceiver:
                     lo, hi = int(normal[0]), int(normal[-1]) + 1
                     if hi - lo == normal.size:
                         ram.pages[lo:hi] = buf
+                        ram.loaded[lo:hi] = True
                     else:
                         ram.pages[normal] = buf
+                        ram.loaded[normal] = True
                 if zero.size:
-                    nz = zero[ram.pages64[zero, 0] != 0]
-                    rest = np.setdiff1d(zero, nz, assume_unique=True)
-                    if rest.size:
-                        nz = np.concatenate([nz, rest[ram.pages64[rest].any(axis=1)]])
-                    if nz.size:
-                        ram.pages[nz] = 0
+                    zero_pages(ram, zero)
                 self.pages += n
                 if pkt.sync:
-                    self._barrier.wait()
+                    # Stop here until the load thread reaches the matching
+                    # MULTIFD_FLUSH: no channel runs ahead into the next round.
                     with self._cond:
                         self._syncs[i] += 1
                         self._cond.notify_all()
-        except threading.BrokenBarrierError:
-            self._fail("multifd: another channel failed")
+                        while self._released < self._syncs[i] and self.error is None:
+                            self._cond.wait(0.1)
+                        if self.error is not None:
+                            return
         except Exception as exc:  # noqa: BLE001 - reported through self.error
             self._fail(getattr(exc, "desc", None) or str(exc))
 
@@ -225,7 +233,6 @@ class MultifdReceiver:
             if self.error is None:
                 self.error = desc
             self._cond.notify_all()
-        self._barrier.abort()
 
     def join(self, timeout: float = 5.0) -> None:
         for t in self._threads:
@@ -234,7 +241,9 @@ class MultifdReceiver:
     def shutdown(self) -> None:
         for ch in self.channels:
             ch.shutdown()
-        self._barrier.abort()
+        with self._cond:
+            self.error = self.error or "multifd: shut down"
+            self._cond.notify_all()
 
     def close(self) -> None:
         for ch in self.channels:

@@ -70,6 +70,7 @@ class RamSaveHandler(SaveVMHandlers):
         self._rate_t0 = time.monotonic()
         self._rate_pages = 0
         self.multifd = None            # a MultifdSender when the capability is on
+        self.known_zero = np.zeros(self.ram.npages, dtype=bool)
         self._flush_pending = False
 
     # -- dirty tracking ---------------------------------------------------------
@@ -97,6 +98,9 @@ class RamSaveHandler(SaveVMHandlers):
     def save_setup(self, out: OutStream) -> None:
         self.machine.cpu.log_dirty_start()
         self.machine.dirty_log.enabled = True
+        # After logging starts: pages not resident now were never written, so their
+        # first send needs no read. Any later write dirties them and re-sends them.
+        self.known_zero = ~self.ram.resident_pages()
         self.bitmap[:] = True
         self.bitmap_sync()
         out.write(encode_ram_block_list([(self.ram.idstr, self.ram.size)]))
@@ -113,6 +117,9 @@ class RamSaveHandler(SaveVMHandlers):
         if self.multifd is not None and (self._flush_pending or force):
             self.multifd.sync()
             out.write(encode_ram_multifd_flush())
+            # The channels stop at the SYNC until the destination reads this record:
+            # it must not wait in our buffer.
+            out.flush()
             self._flush_pending = False
 
     def save_live_iterate(self, out: OutStream) -> bool:
@@ -175,21 +182,28 @@ class RamSaveHandler(SaveVMHandlers):
     def _send_pages(self, out: OutStream, idx: np.ndarray, *, downtime: bool) -> None:
         """Send one batch of page numbers (ascending). Contiguous batches, the
         common case, are read in place: no gather copy before the encode copy."""
+        known_zero = self.known_zero[idx]
+        if known_zero.any():
+            self.known_zero[idx] = False       # only a page's first send may trust it
         if self.multifd is not None:
             # Zero detection happens on the channel threads; normal/duplicate and
             # the bytes come from the sender (precopy/downtime split: not kept).
-            self.multifd.queue_pages(idx)
+            self.multifd.queue_pages(idx, known_zero)
             self.counters.pages_in_window += int(idx.size)
             return
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         contiguous = hi - lo == idx.size
-        words = self.ram.pages64[lo:hi] if contiguous else self.ram.pages64[idx]
-        # A non-zero first word proves a page non-zero (the walk writes byte 0);
-        # only the others are scanned whole.
-        nonzero = words[:, 0] != 0
-        maybe_zero = np.flatnonzero(~nonzero)
-        if maybe_zero.size:
-            nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
+        nonzero = ~known_zero
+        check = np.flatnonzero(nonzero)
+        if check.size:
+            words = (self.ram.pages64[lo:hi] if contiguous else self.ram.pages64[idx])[check]
+            # A non-zero first word proves a page non-zero (the walk writes byte 0);
+            # only the others are scanned whole.
+            first = words[:, 0] != 0
+            maybe_zero = np.flatnonzero(~first)
+            if maybe_zero.size:
+                first[maybe_zero] = words[maybe_zero].any(axis=1)
+            nonzero[check] = first
         c = self.counters
         name = self.ram.idstr
         n_normal = int(np.count_nonzero(nonzero))
@@ -218,6 +232,15 @@ class RamSaveHandler(SaveVMHandlers):
         c.pages_in_window += int(idx.size)
 
 
+def zero_pages(ram, idx: np.ndarray) -> None:
+    """Make these pages zero on the destination. Only pages this migration
+    wrote can be non-zero (the mapping starts zeroed), so the others are not
+    even read: untouched memory stays unmapped (no RSS, no faults)."""
+    idx = idx[ram.loaded[idx]]
+    if idx.size:
+        ram.pages[idx] = 0
+
+
 class RamLoadHandler(SaveVMHandlers):
     """Destination side of the ``ram`` section. Runs on the load thread only."""
 
@@ -239,8 +262,10 @@ class RamLoadHandler(SaveVMHandlers):
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             if hi - lo == idx.size and idx.size:
                 self.ram.pages[lo:hi] = event.data      # a run: one strided copy
+                self.ram.loaded[lo:hi] = True
             else:
                 self.ram.pages[idx] = event.data
+                self.ram.loaded[idx] = True
             self.pages_loaded += int(idx.size)
         elif isinstance(event, RamZeroPages):
             idx = self._page_numbers(event.block, event.offsets)
@@ -252,18 +277,7 @@ class RamLoadHandler(SaveVMHandlers):
             pass
 
     def _zero(self, idx: np.ndarray) -> None:
-        """Zero the pages that are not zero already, reading them in place:
-        untouched destination memory stays unmapped (no RSS, no faults)."""
-        if not idx.size:
-            return
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        words = self.ram.pages64[lo:hi] if hi - lo == idx.size else self.ram.pages64[idx]
-        nonzero = words[:, 0] != 0
-        maybe_zero = np.flatnonzero(~nonzero)
-        if maybe_zero.size:
-            nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
-        if nonzero.any():
-            self.ram.pages[idx[nonzero]] = 0
+        zero_pages(self.ram, idx)
 
     def _check_blocks(self, event: RamBlockList) -> None:
         for name, size in event.blocks:
