@@ -9,6 +9,7 @@ import json
 import tempfile
 
 from livemig.cli.driver import Vm, VmSpec
+from livemig.machine.guest import parse_size
 
 
 async def main(a: argparse.Namespace) -> None:
@@ -27,6 +28,9 @@ async def main(a: argparse.Namespace) -> None:
             await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
             port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
             await src.wait_serial(lambda d: d.startswith(b"A"))
+            last = parse_size(a.walk_end) - 4096
+            while (await src.pmem(last, 1)) == b"\0":   # the walk's first pass is done
+                await asyncio.sleep(0.05)
             if a.stopped:
                 await asyncio.sleep(2)  # let the walk dirty its range
                 await src.cmd("stop")
@@ -42,6 +46,8 @@ async def main(a: argparse.Namespace) -> None:
             out["dirty-sync-count"] = ram.get("dirty-sync-count")
             out["rss-kib"] = {"src": src.peak_rss_kib(), "dst": dst.peak_rss_kib()}
             out["checkpoints"] = info.get("x-downtime-checkpoints")
+            out["downtime-bytes"] = ram.get("downtime-bytes")
+            out["precopy-bytes"] = ram.get("precopy-bytes")
             print(json.dumps(out, indent=1))
         finally:
             await src.close()

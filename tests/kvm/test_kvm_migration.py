@@ -86,3 +86,21 @@ def test_kvm_guest_arrives_byte_exact_with_dash_S(tmp_path):
             await src.close()
             await dst.close()
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_drive_boots_a_raw_boot_sector_as_qemu_would(tmp_path):
+    """-drive file=IMG,format=raw: any 512-byte boot sector, here one that
+    prints "Hi" on COM1 and halts."""
+    code = bytes.fromhex("baf803" "b048ee" "b069ee" "f4" "ebfd")  # mov dx,3f8; out 'H','i'; hlt
+    img = tmp_path / "hi.img"
+    img.write_bytes(code.ljust(510, b"\0") + b"\x55\xaa")
+
+    async def main():
+        vm = await Vm.start(VmSpec(name="hi", ram="16M", accel="kvm",
+                                   extra=["-drive", f"file={img},format=raw"]), str(tmp_path))
+        try:
+            await vm.wait_serial(lambda d: d == b"Hi", timeout=20)
+        finally:
+            await vm.close()
+    asyncio.run(main())
