@@ -40,12 +40,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pytest
 
 from livemig.cli.driver import TERMINAL, Vm, VmSpec
 from livemig.machine.guest import MIB, parse_size
@@ -148,11 +147,13 @@ class Fleet:
             vm.kill()
 
 
-@pytest.fixture
-def fleet(tmp_path):
+def fleet_for(tmp_path) -> Iterator[Fleet]:
+    """Body of each test module's ``fleet`` fixture: ``yield from fleet_for(tmp_path)``."""
     launcher = Fleet(str(tmp_path))
-    yield launcher
-    launcher.kill_all()
+    try:
+        yield launcher
+    finally:
+        launcher.kill_all()
 
 
 def run_with(fleet: Fleet, body: Callable[[], Awaitable[Any]]) -> Any:
@@ -210,6 +211,17 @@ async def wait_transferred(vm: Vm, nbytes: int, timeout: float = 20.0) -> dict:
             raise TimeoutError(f"{vm.spec.name}: only {info.get('ram', {}).get('transferred')}"
                                f" bytes sent, waiting for {nbytes}")
         await asyncio.sleep(0.01)
+
+
+async def assert_stays(vm: Vm, status: str, seconds: float, poll: float = 0.02) -> None:
+    """``query-migrate`` reports ``status`` at every poll for ``seconds`` (a held phase)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        info = await vm.cmd("query-migrate")
+        assert info.get("status") == status, f"{vm.spec.name}: left {status}: {info}"
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(poll)
 
 
 def find_event(vm: Vm, name: str, status: str | None = None) -> dict | None:
@@ -558,8 +570,9 @@ class CutProxy:
             try:
                 n = a.recv_into(buf)
                 if n == 0:
-                    with contextlib.suppress(OSError):
-                        b.shutdown(socket.SHUT_WR)
+                    if not self._closed.is_set():      # pass the peer's EOF on
+                        with contextlib.suppress(OSError):
+                            b.shutdown(socket.SHUT_WR)
                     return
                 if self._frozen.is_set() or (not up and self._down_closed.is_set()):
                     continue         # the link died with these bytes in flight
@@ -584,16 +597,22 @@ class CutProxy:
                 self._src.shutdown(socket.SHUT_WR)
 
     def cut(self, how: str = "fin") -> None:
+        """Close both connections: ``fin`` (orderly, EOF) or ``rst`` (reset)."""
         self._closed.set()
-        for s in (self._src, self._dst):
-            if s is None:
-                continue
+        socks = [s for s in (self._src, self._dst) if s is not None]
+        for s in socks:
             with contextlib.suppress(OSError):
                 if how == "rst":
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                  (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
+                    s.shutdown(socket.SHUT_RD)     # wakes the pumps, sends nothing
                 else:
                     s.shutdown(socket.SHUT_RDWR)
+        # close() only once no pump is inside recv(): a close under a blocked
+        # recv() would not release the socket (and send no RST) until it returns.
+        for t in self._threads[1:]:
+            t.join(5)
+        for s in socks:
             s.close()
 
     def close(self) -> None:
@@ -738,7 +757,7 @@ def proc_rss_kib(pid: int) -> int | None:
     return None
 
 
-# -- two hosts ---------------------------------------------------------------------------------------
+# -- two hosts ---------------------------------------------------------------------------
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,

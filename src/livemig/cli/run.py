@@ -63,7 +63,8 @@ class VmProcess:
     # -- lifecycle ----------------------------------------------------------------------
     def request_quit(self, reason: str = "host-qmp-quit", status: int = 0) -> None:
         """Thread-safe: SHUTDOWN event, then end the process once pending QMP
-        replies are flushed (the quit command's own reply goes out first)."""
+        replies are flushed (from the loop, i.e. ``quit``, the event precedes the
+        command's reply, as in QEMU)."""
         self.shutdown_reason = reason
         self.exit_status = status
         if self.loop is None or self._quit is None:
@@ -75,7 +76,14 @@ class VmProcess:
                 self.server.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
                 self.server.request_quit()
                 self._quit.set()
-        self.loop.call_soon_threadsafe(shutdown)
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:   # the quit command: event first, then its reply (QEMU's order)
+            shutdown()
+        else:
+            self.loop.call_soon_threadsafe(shutdown)
 
     def _incoming_failed(self, desc: str) -> None:
         """exit-on-error: QEMU prints the error and exits with status 1."""

@@ -153,14 +153,44 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     @reg.register("pmemsave", args={"val": "int", "size": "int", "filename": "str"},
                   blocking=True)
     def pmemsave(args: dict) -> None:
-        addr, size = args["val"], args["size"]
-        if addr < 0 or size < 0 or addr + size > machine.ram.size:
-            raise QMPError(f"Invalid addr 0x{addr & (2**64 - 1):016x}/size {size} specified")
+        """QEMU's qmp_pmemsave(): no range check; guest-physical bytes (from ``val``, a
+        uint64 address) without RAM behind them read as zeros, as on QEMU's q35."""
+        addr, size = args["val"] & (2**64 - 1), args["size"]
+        if size < 0:  # QEMU would write without end; refuse instead
+            raise QMPError(f"Invalid addr 0x{addr:016x}/size {size} specified")
         try:
-            with open(args["filename"], "wb") as f:
-                f.write(machine.ram.view[addr:addr + size])
+            f = open(args["filename"], "wb")
         except OSError as exc:
             raise QMPError(f"Could not open '{args['filename']}': {exc.strerror}") from None
+        ram, chunk = machine.ram, 1 << 20
+        with f:
+            try:
+                while size:
+                    n = min(size, chunk)
+                    if addr < ram.size:
+                        n = min(n, ram.size - addr)
+                        f.write(ram.view[addr:addr + n])
+                    else:
+                        f.write(bytes(n))
+                    addr, size = (addr + n) & (2**64 - 1), size - n
+            except OSError:
+                raise QMPError("An IO error has occurred") from None
+
+    # -- postcopy: livemig migrates precopy only (postcopy-ram is never on), so these
+    # always give QEMU's refusal for "not in postcopy".
+    @reg.register("migrate-start-postcopy")
+    def migrate_start_postcopy(args: dict) -> None:
+        raise QMPError("Enable postcopy with migrate_set_capability before the start of "
+                       "migration")
+
+    @reg.register("migrate-pause")
+    def migrate_pause(args: dict) -> None:
+        raise QMPError("migrate-pause is currently only supported during postcopy-active or "
+                       "postcopy-recover state")
+
+    @reg.register("migrate-recover", args={"uri": "str"})
+    def migrate_recover(args: dict) -> None:
+        raise QMPError("Migrate recover can only be run when postcopy is paused.")
 
     @reg.register("x-accel-digest", args={"id": "str"}, blocking=True)
     def accel_digest(args: dict) -> dict[str, Any]:
