@@ -79,6 +79,7 @@ class AccelDevice:
             self.init_data[:] = rng.integers(0, 256, config.init_size, dtype=np.uint8)
         self.dirty_chunks = np.zeros(config.size // CHUNK_BYTES, dtype=bool)
         self.lock = threading.Lock()
+        self._prepare_lock = threading.Lock()
         self.prepared = threading.Event()
         self.prepare_seconds: float | None = None
         self._resources: np.ndarray | None = None
@@ -125,7 +126,8 @@ class AccelDevice:
     def prepare(self) -> None:
         """Allocate and touch the device's resources, then model the hardware
         setup latency. Idempotent; safe to race (the first caller does it)."""
-        with self.lock:
+        # Its own lock: loading device data (self.lock) must go on meanwhile.
+        with self._prepare_lock:
             if self.prepared.is_set():
                 return
             t0 = time.monotonic()

@@ -198,7 +198,8 @@ class IncomingState:
 
     def _fail(self, reason: str) -> None:
         self.error_desc = f"load of migration failed: {reason}"
-        log.error("%s", self.error_desc)
+        # exit-on-error prints it (one line, as QEMU); otherwise query-migrate has it.
+        log.info("%s", self.error_desc)
         for h in getattr(self, "handlers", []):
             try:
                 h.load_cleanup()

@@ -206,6 +206,8 @@ class RamSaveHandler(SaveVMHandlers):
             nonzero[check] = first
         c = self.counters
         name = self.ram.idstr
+        # QEMU's ram_transferred_add: by run state, not by phase.
+        downtime = downtime or not self.machine.is_running()
         n_normal = int(np.count_nonzero(nonzero))
         if n_normal != idx.size:
             zero_idx = idx[~nonzero]

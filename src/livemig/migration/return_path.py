@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from livemig.transport import TransportError
 from livemig.wire import (
+    Closed,
     NEED_DATA,
     Pong,
     ReturnPathDecoder,
@@ -48,16 +49,21 @@ class SourceReturnPath:
         try:
             while True:
                 n = self.channel.recv_into(buf)
+                # n == 0: end of data; the decoder says if a message was cut short.
+                self.decoder.receive_data(bytes(buf[:n]))
+                while (ev := self.decoder.next_event()) is not NEED_DATA:
+                    if isinstance(ev, Closed):
+                        if self.shut_value is None:
+                            self._fail(CHANNEL_ERROR)
+                        return
+                    if self._handle(ev):
+                        return
                 if n == 0:
                     if self.shut_value is None:
                         self._fail(CHANNEL_ERROR)
                     return
-                self.decoder.receive_data(bytes(buf[:n]))
-                while (ev := self.decoder.next_event()) is not NEED_DATA:
-                    if self._handle(ev):
-                        return
         except ReturnPathError as exc:
-            self._fail(str(exc))
+            self._fail(exc.message)         # QEMU's words, without our offset suffix
         except (OSError, TransportError):
             if self.shut_value is None:
                 self._fail(CHANNEL_ERROR)
@@ -82,6 +88,10 @@ class SourceReturnPath:
     def _fail(self, desc: str) -> None:
         if self.error is None:
             self.error = f"destination: {self.dest_error}" if self.dest_error else desc
+
+    def wait_done(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the reader to finish (SHUT, error or EOF)."""
+        return self._done.wait(timeout)
 
     def wait_shut(self, check: Callable[[], None]) -> None:
         """Block until SHUT (or an error/cancel, raised by ``check``)."""

@@ -198,10 +198,7 @@ class MigrationState:
         if isinstance(address, Channel):
             self.channel = address          # already connected (tests, fd:)
         else:
-            try:
-                self.channel = open_outgoing(address)
-            except TransportError as exc:
-                raise RuntimeError(exc.desc) from None
+            self.channel = self._connect(address)
         self._check()
         f = self.file = QEMUFile(self.channel)
         f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
@@ -237,6 +234,36 @@ class MigrationState:
         if not self._set(S.SETUP, S.ACTIVE):
             self._check()
         self._iterate_until_complete(f)
+
+    def _connect(self, address) -> Channel:
+        """open_outgoing on a helper thread, so migrate_cancel during a slow
+        connect (SYN retries to a dead host) ends the migration at once."""
+        result: dict[str, Any] = {}
+        abandoned = threading.Event()
+
+        def connect() -> None:
+            try:
+                ch = open_outgoing(address)
+            except Exception as exc:  # noqa: BLE001 - handed to the migration thread
+                result["error"] = exc
+                return
+            if abandoned.is_set():
+                ch.close()
+            else:
+                result["channel"] = ch
+        t = threading.Thread(target=connect, name="live_migration connect", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            if self.sm.status is S.CANCELLING:
+                abandoned.set()
+                if "channel" in result:
+                    result["channel"].close()
+                raise MigrationCancelled()
+        if "error" in result:
+            exc = result["error"]
+            raise RuntimeError(getattr(exc, "desc", None) or str(exc)) from None
+        return result["channel"]
 
     def _open_multifd(self, address) -> MultifdSender:
         n = self.params.multifd_channels
@@ -370,6 +397,7 @@ class MigrationState:
         f.write(encode_eof())
         f.write(encode_vmdesc(self._vmdesc()))
         f.flush()
+        self.channel.finish()       # exec: the command got it all and exited 0
         self._mark("src-non-iterable-saved")
         if self.rp is not None:
             self.rp.wait_shut(self._check)
