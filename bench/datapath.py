@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from livemig.machine.ram import RamBlock
-from livemig.migration.ram import BATCH_PAGES, RamSaveHandler, RamLoadHandler
+from livemig.migration.ram import BATCH_PAGES, RamLoadHandler, RamSaveHandler
 from livemig.wire import NEED_DATA, PayloadKind, StreamDecoder, encode_ram_eos
 
 
@@ -52,8 +52,14 @@ def main(ram_mib: int) -> None:
 
     dst = RamBlock("pc.ram", ram_mib << 20)
     load = RamLoadHandler(FakeMachine(dst))
-    from livemig.wire import encode_header, encode_configuration, encode_section_header, \
-        encode_footer, encode_ram_block_list, SectionType
+    from livemig.wire import (
+        SectionType,
+        encode_configuration,
+        encode_footer,
+        encode_header,
+        encode_ram_block_list,
+        encode_section_header,
+    )
     dec = StreamDecoder({"ram": PayloadKind.RAM})
     pre = (encode_header() + encode_configuration("m")
            + encode_section_header(SectionType.SECTION_START, 0, "ram", 0, 4)

@@ -155,12 +155,13 @@ def plot(rows: list[dict], engines: list[str], path: str) -> bool:
                ("downtime_ms", "downtime (ms)"), ("total_ms", "total time (ms)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     labels = [r["scenario"] for r in rows]
-    for ax, (metric, title) in zip(axes, metrics):
+    for ax, (metric, title) in zip(axes, metrics, strict=True):
         width = 0.8 / len(engines)
         for i, e in enumerate(engines):
             med = [r.get(f"{e}.{metric}", {}).get("median", 0) for r in rows]
-            lo = [m - r.get(f"{e}.{metric}", {}).get("min", 0) for m, r in zip(med, rows)]
-            hi = [r.get(f"{e}.{metric}", {}).get("max", 0) - m for m, r in zip(med, rows)]
+            stats = [r.get(f"{e}.{metric}", {}) for r in rows]
+            lo = [m - st.get("min", 0) for m, st in zip(med, stats, strict=True)]
+            hi = [st.get("max", 0) - m for m, st in zip(med, stats, strict=True)]
             xs = [j + i * width for j in range(len(rows))]
             ax.bar(xs, med, width, yerr=[lo, hi], label=e, capsize=3)
         ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(rows))])

@@ -17,10 +17,10 @@ import numpy as np
 from livemig.machine.accel_device import CHUNK_BYTES, AccelDevice
 from livemig.machine.vmstate import LoadContext, OutStream, SaveVMHandlers
 from livemig.wire import (
-    VfioMigFlag,
     PayloadKind,
     TaggedData,
     TaggedEnd,
+    VfioMigFlag,
     encode_tagged_data,
     encode_tagged_end,
 )

@@ -6,10 +6,10 @@ Only the states livemig reaches are listed; names are QEMU's, as
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class RunState(str, Enum):
+class RunState(StrEnum):
     PRELAUNCH = "prelaunch"
     INMIGRATE = "inmigrate"
     RUNNING = "running"

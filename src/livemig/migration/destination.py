@@ -132,7 +132,7 @@ class IncomingState:
                                           for k, v in self.load_times.items()}
         return info
 
-    # -- LoadContext (device callbacks, any thread) -------------------------------------------------
+    # -- LoadContext (device callbacks, any thread) ------------------------------------
     def switchover_ack_enabled(self) -> bool:
         return bool(self.caps.get("switchover-ack"))
 
@@ -148,7 +148,7 @@ class IncomingState:
         if send and self.rp is not None:
             self.rp.send_switchover_ack()
 
-    # -- load thread (@bottom_half) --------------------------------------------------------------------
+    # -- load thread (@bottom_half) -----------------------------------------------------
     def _thread_main(self) -> None:
         if self.listener is not None:
             try:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from livemig.transport import TransportError
 from livemig.wire import (
-    Closed,
     NEED_DATA,
+    Closed,
     Pong,
     ReturnPathDecoder,
     ReturnPathError,

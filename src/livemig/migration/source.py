@@ -344,7 +344,8 @@ class MigrationState:
             self.expected_downtime_ms = switchover.expected_downtime_ms(
                 c.dirty_bytes_last_sync, w.bandwidth_bytes_per_ms, limit)
         self.pass_history.append({"t-ms": ms(time.monotonic() - self.times.start),
-                                  "bytes": nbytes, "bw-bytes-per-ms": round(w.bandwidth_bytes_per_ms),
+                                  "bytes": nbytes,
+                                  "bw-bytes-per-ms": round(w.bandwidth_bytes_per_ms),
                                   "remaining": self.ram.remaining_bytes(),
                                   "threshold": self.threshold_bytes})
         del self.pass_history[:-64]

@@ -8,10 +8,10 @@ illegal transition and tells the caller whether a ``MIGRATION`` event is due.
 from __future__ import annotations
 
 import threading
-from enum import Enum
+from enum import StrEnum
 
 
-class MigrationStatus(str, Enum):
+class MigrationStatus(StrEnum):
     NONE = "none"
     SETUP = "setup"
     CANCELLING = "cancelling"
