@@ -47,6 +47,7 @@ async def main(a: argparse.Namespace) -> None:
             out["rss-kib"] = {"src": src.peak_rss_kib(), "dst": dst.peak_rss_kib()}
             out["checkpoints"] = info.get("x-downtime-checkpoints")
             out["downtime-bytes"] = ram.get("downtime-bytes")
+            out["windows"] = info.get("x-windows")
             out["precopy-bytes"] = ram.get("precopy-bytes")
             print(json.dumps(out, indent=1))
         finally:

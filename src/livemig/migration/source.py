@@ -344,6 +344,7 @@ class MigrationState:
             self.expected_downtime_ms = switchover.expected_downtime_ms(
                 c.dirty_bytes_last_sync, w.bandwidth_bytes_per_ms, limit)
         self.pass_history.append({"t-ms": ms(time.monotonic() - self.times.start),
+                                  "window-ms": round(window_ms),
                                   "bytes": nbytes,
                                   "bw-bytes-per-ms": round(w.bandwidth_bytes_per_ms),
                                   "remaining": self.ram.remaining_bytes(),
@@ -510,6 +511,8 @@ class MigrationState:
                 else:
                     ack["waiting"] = not done
                 info["x-switchover-ack"] = ack
+            if self.pass_history:
+                info["x-windows"] = self.pass_history[-8:]   # the last 100 ms windows
             if self.times.checkpoints and self.times.downtime_start is not None:
                 t0 = self.times.downtime_start
                 info["x-downtime-checkpoints"] = {k: round((v - t0) * 1000, 3)
