@@ -10,6 +10,7 @@ guest; the reason goes back to the source on the return path.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid as uuidlib
@@ -209,6 +210,7 @@ class IncomingState:
             self.rp.send_error(reason[:512])
             self.rp.send_shut(1)
             self.rp.close()
+            self._linger()
         if self.channel is not None:
             self.channel.shutdown()
             self.channel.close()
@@ -220,6 +222,27 @@ class IncomingState:
             self.emit("MIGRATION", {"status": "failed"})
         if self.exit_on_error and self.on_failure_exit is not None:
             self.on_failure_exit(self.error_desc)
+
+    def _linger(self, seconds: float = 2.0) -> None:
+        """Half-close, then drain what the source still sends until it hangs up.
+        Closing a socket with unread data sends an RST, and an RST can make the
+        source drop our error message unread."""
+        sock = getattr(self.channel, "sock", None)
+        if sock is None:
+            return
+        buf = bytearray(1 << 16)
+        deadline = time.monotonic() + seconds
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(0.1)
+            while time.monotonic() < deadline:
+                try:
+                    if sock.recv_into(buf) == 0:
+                        return
+                except TimeoutError:
+                    continue
+        except OSError:
+            return
 
     def _mark(self, name: str) -> None:
         self.load_times[name] = time.monotonic() - self._t0
