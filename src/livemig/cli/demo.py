@@ -136,6 +136,6 @@ async def demo(args: argparse.Namespace) -> int:
 def demo_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="livemig demo", description=__doc__)
     p.add_argument("--ram", default="256M")
-    p.add_argument("--walk-end", default="64M")
+    p.add_argument("--walk-end", default="16M")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "soft"))
     return asyncio.run(demo(p.parse_args(argv)))
