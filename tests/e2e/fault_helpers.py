@@ -834,8 +834,16 @@ class TwoHosts:
         """The link dies: B's end goes down (A's loses carrier; no FIN, no RST)."""
         _ip("-n", self.ns_b, "link", "set", self.veth_b, "down")
 
-    def restore(self) -> None:
+    def restore(self, timeout: float = 10.0) -> None:
+        """The link is back: B's end up, carrier on both ends, stale ARP failures gone."""
         _ip("-n", self.ns_b, "link", "set", self.veth_b, "up")
+        deadline = time.monotonic() + timeout
+        for ns, dev in ((self.ns_a, self.veth_a), (self.ns_b, self.veth_b)):
+            while "LOWER_UP" not in _ip("-n", ns, "link", "show", dev).stdout:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{dev} in {ns} has no carrier")
+                time.sleep(0.02)
+            _ip("-n", ns, "neigh", "flush", "dev", dev, check=False)
 
     def destroy(self) -> None:
         for ns in (self.ns_a, self.ns_b):

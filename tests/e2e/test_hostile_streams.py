@@ -339,25 +339,18 @@ def _with_globalstate(raw: bytes, records, state: bytes) -> bytes:
     return raw[:blob.start] + encode_blob(state) + raw[blob.end:]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 'globalstate' naming a run state the destination "
-                   "cannot enter from inmigrate (e.g. 'postmigrate') passes GlobalStateHandler's "
-                   "check, then IncomingState._complete's set_runstate raises RunStateError, "
-                   "which takes the generic path: a traceback on stderr and the error-desc "
-                   "'RunStateError: invalid runstate transition ...'")
 def test_globalstate_naming_a_state_never_sent(fleet, captured):
     """The source's run state at switchover may only be one a source sends."""
     raw, _, records = captured
     bad = _with_globalstate(raw, records, b"postmigrate")
-    run_with(fleet, lambda: check_refused(fleet, bad, False, r"postmigrate"))
+    run_with(fleet, lambda: check_refused(
+        fleet, bad, False, r"globalstate: run state 'postmigrate' cannot follow an incoming "
+                           r"migration"))
 
 
 # -- memory ----------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="BUG: the stream decoder's only length cap is "
-                   "max_payload=256 MiB for every record, so a 'globalstate' (<= 32 bytes) or "
-                   "'cpu' BLOB announced at 200 MiB is buffered whole: 96 MiB sent grow the "
-                   "destination's peak RSS by ~124 MiB (receive buffer doubling)")
 def test_a_record_far_larger_than_its_section_is_not_buffered(fleet):
     """A ``globalstate`` record (a run-state name, 32 bytes at most) announced at
     200 MiB: the destination must refuse it, not buffer what the peer sends."""
@@ -381,6 +374,8 @@ def test_a_record_far_larger_than_its_section_is_not_buffered(fleet):
             assert peak - base < RSS_SLACK_KIB, \
                 f"{sent >> 20} MiB sent into a globalstate record: peak RSS grew " \
                 f"{(peak - base) >> 10} MiB ({info.get('status')})"
+            assert info["status"] == "failed", info
+            assert re.search(r"Blob of 209715200 bytes exceeds the limit", info["error-desc"])
         finally:
             sock.close()
     run_with(fleet, body)

@@ -17,7 +17,7 @@ import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
 
-from livemig.machine.runstate import RunState
+from livemig.machine.runstate import TRANSITIONS, RunState
 from livemig.machine.vmstate import SaveVMHandlers
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
@@ -53,6 +53,7 @@ EventCallback = Callable[[str, dict | None], None]
 _SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
                  SectionFull: "full"}
 RECV_CHUNK = 4 << 20
+MAX_RECORD_BYTES = 16 << 20
 
 
 class LoadError(Exception):
@@ -251,7 +252,9 @@ class IncomingState:
         self.handlers = destination_handlers(self.machine)
         self.global_state = next(h for h in self.handlers
                                  if isinstance(h, GlobalStateHandler))
-        dec = StreamDecoder(payload_kinds(self.handlers))
+        # No record of ours comes near 16 MiB (device data goes in 1 MiB chunks): a
+        # hostile length is refused instead of buffered.
+        dec = StreamDecoder(payload_kinds(self.handlers), max_payload=MAX_RECORD_BYTES)
         if self._preread:
             dec.receive_data(self._preread)    # the magic multifd classification read
         by_id: dict[int, SaveVMHandlers] = {}
@@ -360,12 +363,17 @@ class IncomingState:
             self.multifd.close()
         self._mark("dst-loaded")
         received = self.global_state.runstate or "running"
-        if received == "running" and self.machine.autostart:
-            self.machine.vm_start()
+        if received == "running":
+            if self.machine.autostart:
+                self.machine.vm_start()
+            else:
+                self.machine.set_runstate(RunState.PAUSED)      # -S
         else:
-            known = {s.value for s in RunState} - {"running", "inmigrate", "finish-migrate"}
-            state = RunState(received) if received in known else RunState.PAUSED
-            self.machine.set_runstate(state)
+            allowed = {s.value for s in TRANSITIONS[RunState.INMIGRATE]} - {"running"}
+            if received not in allowed:
+                raise LoadError(f"globalstate: run state '{received}' cannot follow an "
+                                "incoming migration")
+            self.machine.set_runstate(RunState(received))
         self._mark("dst-vm-started")
         self._set(S.ACTIVE, S.COMPLETED)
         if self.rp is not None:

@@ -61,6 +61,9 @@ def byte_view(data: Any) -> memoryview:
     return view.cast("B")
 
 
+TCP_USER_TIMEOUT_MS = 10_000  # a peer silent this long on a TCP migration is gone
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Large send/receive buffers for every stream socket, TCP_NODELAY for TCP.
 
@@ -72,6 +75,15 @@ def tune_socket(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A dead link must end the migration, not hang it for the kernel's ~15 min
+        # of retransmissions: unacknowledged data or silent keepalives fail it.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            TCP_USER_TIMEOUT_MS)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def os_error_text(exc: OSError) -> tuple[int | None, str]:
