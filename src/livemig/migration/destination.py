@@ -23,8 +23,8 @@ from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
 from livemig.migration.return_path import DestinationReturnPath
 from livemig.migration.savevm import destination_handlers, find_handler, payload_kinds
+from livemig.migration.status import AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
-from livemig.migration.status import StatusMachine
 from livemig.transport import TransportError, listen
 from livemig.wire import (
     MULTIFD_INIT_SIZE,
@@ -60,7 +60,7 @@ class LoadError(Exception):
     """A load failure with the reason to report (error-desc and to the source)."""
 
 
-class IncomingState:
+class IncomingState(AnnouncesStatus):
     """One VM's incoming migration (``@upper_half`` entry points: start, query)."""
 
     def __init__(self, machine, caps, params, emit: EventCallback,
@@ -87,16 +87,6 @@ class IncomingState:
         self._multifd_flushes = 0
         self._thread: threading.Thread | None = None
 
-    @property
-    def status(self) -> S:
-        return self.sm.status
-
-    def _set(self, old: S, new: S) -> bool:
-        if self.sm.set(old, new):
-            if self.caps.get("events"):
-                self.emit("MIGRATION", {"status": new.value})
-            return True
-        return False
 
     # -- QMP entry points -----------------------------------------------------------------
     def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:

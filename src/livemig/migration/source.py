@@ -26,8 +26,8 @@ from livemig.migration.qemu_file import QEMUFile
 from livemig.migration.ram import RamSaveHandler
 from livemig.migration.return_path import SourceReturnPath
 from livemig.migration.savevm import source_handlers
+from livemig.migration.status import AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
-from livemig.migration.status import StatusMachine
 from livemig.transport import Channel, TransportError, open_outgoing
 from livemig.wire import (
     MigCmd,
@@ -65,7 +65,7 @@ def ms(seconds: float) -> int:
     return int(round(seconds * 1000))
 
 
-class MigrationState:
+class MigrationState(AnnouncesStatus):
     """One VM's outgoing migration. Reused for each ``migrate`` (QEMU's
     migrate_init resets it)."""
 
@@ -103,16 +103,6 @@ class MigrationState:
         self._wake.clear()
 
     # -- status ---------------------------------------------------------------------
-    @property
-    def status(self) -> S:
-        return self.sm.status
-
-    def _set(self, old: S, new: S) -> bool:
-        if self.sm.set(old, new):
-            if self.caps.get("events"):
-                self.emit("MIGRATION", {"status": new.value})
-            return True
-        return False
 
     def _set_error(self, desc: str) -> None:
         with self._lock:

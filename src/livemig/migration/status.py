@@ -94,3 +94,22 @@ class StatusMachine:
 
     def is_done(self) -> bool:
         return self._status in _DONE
+
+
+class AnnouncesStatus:
+    """Mixin for the two sides (``sm``, ``caps``, ``emit`` attributes): every
+    status change is a ``MIGRATION`` event when the ``events`` capability is on
+    (QEMU's migrate_set_state with migrate_generate_event)."""
+
+    sm: StatusMachine
+
+    @property
+    def status(self) -> MigrationStatus:
+        return self.sm.status
+
+    def _set(self, old: MigrationStatus, new: MigrationStatus) -> bool:
+        if self.sm.set(old, new):
+            if self.caps.get("events"):  # type: ignore[attr-defined]
+                self.emit("MIGRATION", {"status": new.value})  # type: ignore[attr-defined]
+            return True
+        return False
