@@ -11,6 +11,7 @@ the whole suite runs in well under two minutes on two cores.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -254,3 +255,15 @@ async def assert_same_guest(src: Vm, dst: Vm, devices: bool = True) -> None:
 
 def pass_numbers(vm: Vm) -> list[int]:
     return [ev["data"]["pass"] for ev in vm.events if ev["event"] == "MIGRATION_PASS"]
+
+
+def socket_fds(vm: Vm) -> int:
+    """How many socket descriptors the VM process holds (Linux /proc)."""
+    count = 0
+    fd_dir = f"/proc/{vm.proc.pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            count += os.readlink(f"{fd_dir}/{fd}").startswith("socket:")
+        except OSError:
+            pass            # closed while we looked
+    return count
