@@ -152,10 +152,6 @@ def test_oversized_requests_are_dropped_and_memory_stays_bounded(fleet):
     run_with(fleet, body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the 1 MiB QMP input limit counts token bytes "
-                   "(+1 per token) but each buffered token costs ~200 bytes of Python objects: "
-                   "a 2 MiB request of '1,' tokens (refused) makes the VM process's peak RSS "
-                   "grow ~119 MiB; the token count limit (2M, QEMU's) does not bind first")
 def test_a_request_of_many_small_tokens_stays_bounded(fleet):
     async def body():
         vm = await fleet.source(devices=())

@@ -443,7 +443,7 @@ def test_oversized_input_is_dropped_and_client_kept(tmp_path: Path) -> None:
             # Many small tokens add up too.
             many = b"[" + b"1," * 600_000 + b"1]\n"
             await raw.send(many)
-            assert await raw.recv() == error("JSON token size limit exceeded")
+            assert await raw.recv() == error("JSON token count limit exceeded")
             assert await raw.call({"execute": "echo", "id": 2}) == {"return": {}, "id": 2}
             # Nesting: 1024 levels are fine (request + arguments + 1022), 1025 are not.
             ok = b'{"execute": "depth", "arguments": {"value": ' + b"[" * 1021 + b"[1"

@@ -806,7 +806,10 @@ class _Session:
         self.writer = writer
         self.negotiated = False
         self.task: asyncio.Task[Any] | None = None
+        # Each buffered token costs ~200 bytes of Python objects: bound the count
+        # by the byte budget too, or 1 MiB of "1," tokens holds ~120 MiB.
         self.parser = JSONMessageParser(max_token_size=server.max_input_bytes,
+                                        max_token_count=max(1024, server.max_input_bytes // 16),
                                         max_nesting=server.max_nesting)
         self.peer = writer.get_extra_info("peername") or writer.get_extra_info("sockname")
 
