@@ -9,7 +9,6 @@ source's byte for byte (QEMU's check_guests_ram is the walk-pattern check).
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 
@@ -367,10 +366,6 @@ def test_destination_failure_is_reported_to_the_source(vms):
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason="BUG: the destination never closes its return-path "
-                   "socket (DestinationReturnPath.close only sets a flag): one fd leaks per "
-                   "incoming migration, and after a failed load the connection stays open, "
-                   "so a source blocked on a full TCP window hangs in 'active' forever")
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_destination_releases_the_migration_connection(vms, outcome):
     """Once the load is over (either way) the destination holds no socket of the

@@ -200,8 +200,8 @@ class IncomingState(AnnouncesStatus):
         if self.rp is not None:
             self.rp.send_error(reason[:512])
             self.rp.send_shut(1)
-            self.rp.close()
             self._linger()
+            self.rp.close()
         if self.channel is not None:
             self.channel.shutdown()
             self.channel.close()

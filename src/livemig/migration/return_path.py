@@ -123,6 +123,7 @@ class DestinationReturnPath:
         self.channel = channel
         self._lock = threading.Lock()
         self.closed = False
+        self._released = False
 
     def _send(self, data: bytes) -> None:
         with self._lock:
@@ -147,5 +148,18 @@ class DestinationReturnPath:
         self._send(encode_shut(value))
 
     def close(self) -> None:
+        """Stop sending and release our descriptor of the connection. Only the
+        descriptor: a shutdown here would cut the main channel it shares."""
         with self._lock:
+            if self.closed and self._released:
+                return
             self.closed = True
+            self._released = True
+        sock = getattr(self.channel, "sock", None)
+        try:
+            if sock is not None:
+                sock.close()
+            else:
+                self.channel.close()
+        except (OSError, TransportError):
+            pass
