@@ -9,6 +9,8 @@ source's byte for byte (QEMU's check_guests_ram is the walk-pattern check).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 
@@ -343,8 +345,9 @@ def test_destination_failure_is_reported_to_the_source(vms):
     async def body():
         # Different -m: the destination refuses the RAM block list.
         src, dst = await start_pair(vms, src_caps={**RP, "events": True}, dst_ram="128M")
-        # Rate-limited so the source never fills the socket before the destination
-        # fails: with a full window it can hang (see the fd-leak test below).
+        # Rate-limited: the source is never blocked in a write when the destination
+        # fails, so the destination's reason (return path) reliably wins over a
+        # write error. The unthrottled case is test_..._while_the_source_is_blocked.
         await src.set_params(max_bandwidth=SLOW)
         await src.cmd("migrate", uri=await start_incoming(dst))
         dinfo = await wait_completed(dst)
@@ -362,6 +365,34 @@ def test_destination_failure_is_reported_to_the_source(vms):
         assert find_event(dst, "RESUME") is None
         assert dst.serial_bytes() == b""
         assert event_trace(dst) == ["MIGRATION:setup", "MIGRATION:active", "MIGRATION:failed"]
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(40)
+def test_destination_failure_while_the_source_is_blocked(vms):
+    """The destination is held (SIGSTOP) until the source has filled the socket
+    and blocks in a write; then it fails. The source must fail too, not wait
+    forever on a full TCP window (it did while the destination leaked its
+    return-path descriptor), and the guest runs on."""
+    async def body():
+        src, dst = await start_pair(vms, src_caps=RP, dst_ram="128M", devices=())
+        uri = await start_incoming(dst)
+        os.kill(dst.proc.pid, signal.SIGSTOP)
+        try:
+            await src.cmd("migrate", uri=uri)
+
+            async def blocked() -> bool:          # several MiB out, then no progress
+                ram = (await src.cmd("query-migrate")).get("ram", {})
+                return ram.get("transferred", 0) > 4 << 20
+            await wait_until(blocked, 10, "the source to fill the socket")
+            await asyncio.sleep(0.2)
+        finally:
+            os.kill(dst.proc.pid, signal.SIGCONT)
+        assert (await wait_completed(dst))["status"] == "failed"
+        info = await wait_completed(src, timeout=10)
+        assert info["status"] == "failed"
+        assert await runstate(src) == "running"
+        await wait_guest_runs(src)
     run_with(vms, body)
 
 
