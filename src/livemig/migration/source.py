@@ -161,8 +161,12 @@ class MigrationState(AnnouncesStatus):
             self._run(address)
         except MigrationCancelled:
             pass
-        except Exception as exc:
+        except Exception as exc:  # any failure fails the migration, never the VM
             log.debug("migration failed", exc_info=True)
+            if self.rp is not None and not self.rp.error:
+                # A write failed because the destination gave up: its reason is on
+                # the return path, right behind. Give the reader a moment for it.
+                self.rp.wait_done(1.0)
             self._set_error(self._describe(exc))
         finally:
             self._finish()
