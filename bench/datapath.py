@@ -36,6 +36,9 @@ class FakeMachine:
     def __init__(self, ram):
         self.ram = ram
 
+    def is_running(self):
+        return True
+
 
 def main(ram_mib: int) -> None:
     ram = RamBlock("pc.ram", ram_mib << 20)

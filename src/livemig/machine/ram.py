@@ -54,6 +54,21 @@ class RamBlock:
         """Userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
+    def nonzero_pages(self, idx: np.ndarray, known_zero: np.ndarray) -> np.ndarray:
+        """Which of the pages ``idx`` hold data (one bool each). Pages marked in
+        ``known_zero`` are not read; a non-zero first word proves a page non-zero
+        (the walk writes byte 0), so only the others are scanned whole. Reads one
+        word per page, not a gather of whole pages."""
+        nonzero = ~known_zero
+        check = idx[nonzero]
+        if check.size:
+            first = self.pages64[check, 0] != 0
+            maybe = ~first
+            if maybe.any():
+                first[maybe] = self.pages64[check[maybe]].any(axis=1)
+            nonzero[nonzero] = first
+        return nonzero
+
     def resident_pages(self) -> np.ndarray:
         """One bool per page: is it backed by memory (mincore)? A page of this
         anonymous mapping that is not resident was never written: it is zero.

@@ -100,15 +100,7 @@ class MultifdSender:
                     self.bytes_sent += len(head)
                     continue
                 idx, known_zero = item
-                nonzero = ~known_zero
-                check = np.flatnonzero(nonzero)
-                if check.size:
-                    words = self.ram.pages64[idx[check]]
-                    first = words[:, 0] != 0
-                    maybe = np.flatnonzero(~first)
-                    if maybe.size:
-                        first[maybe] = words[maybe].any(axis=1)
-                    nonzero[check] = first
+                nonzero = self.ram.nonzero_pages(idx, known_zero)
                 normal = idx[nonzero]
                 pages = buf[:normal.size]
                 np.take(self.ram.pages, normal, axis=0, out=pages)

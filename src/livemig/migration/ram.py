@@ -193,17 +193,7 @@ class RamSaveHandler(SaveVMHandlers):
             return
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         contiguous = hi - lo == idx.size
-        nonzero = ~known_zero
-        check = np.flatnonzero(nonzero)
-        if check.size:
-            words = (self.ram.pages64[lo:hi] if contiguous else self.ram.pages64[idx])[check]
-            # A non-zero first word proves a page non-zero (the walk writes byte 0);
-            # only the others are scanned whole.
-            first = words[:, 0] != 0
-            maybe_zero = np.flatnonzero(~first)
-            if maybe_zero.size:
-                first[maybe_zero] = words[maybe_zero].any(axis=1)
-            nonzero[check] = first
+        nonzero = self.ram.nonzero_pages(idx, known_zero)
         c = self.counters
         name = self.ram.idstr
         # QEMU's ram_transferred_add: by run state, not by phase.
