@@ -39,7 +39,7 @@ from livemig.transport import (
     parse_uri,
     resolve_migrate_args,
 )
-from livemig.transport.channel import SOCKET_BUFFER_BYTES
+from livemig.transport.channel import IOVEC, SOCKET_BUFFER_BYTES
 
 DEADLINE_S = 10.0  # how long a woken thread may take to notice (generous for slow CI)
 
@@ -854,6 +854,78 @@ def test_sendmsg_all_resumes_after_partial_sends() -> None:
         reader.result()
         assert np.array_equal(recv, pages)
         assert src.bytes_sent == pages.nbytes
+
+
+def _iovec(buffers: list[np.ndarray]) -> np.ndarray:
+    iov = np.zeros(len(buffers), dtype=IOVEC)
+    iov["base"] = [b.ctypes.data for b in buffers]
+    iov["len"] = [b.nbytes for b in buffers]
+    return iov
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [None, DEADLINE_S])
+def test_send_iovec_gathers_beyond_iov_max_and_resumes_partial_writes(timeout) -> None:
+    # Sizes of every kind (empty, 1 byte, pages, a few MiB) in 5000 buffers, over a
+    # socket with a small send buffer: writev returns short counts in the middle of
+    # buffers, and with a timeout (non-blocking underneath) it hits EAGAIN too.
+    rng = np.random.default_rng(5)
+    sizes = rng.choice([0, 1, 8, 4096, 4104, 70000], size=5000)
+    sizes[2500] = 3 << 20
+    buffers = [rng.integers(0, 256, int(n), dtype=np.uint8) for n in sizes]
+    expected = b"".join(b.tobytes() for b in buffers)
+    src, dst = connected_tcp()
+    with src, dst:
+        src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        src.set_timeout(timeout)
+        recv = np.empty(len(expected), dtype=np.uint8)
+        reader = InThread(lambda: dst.read_exact_into(recv))
+        iov = _iovec(buffers)
+        before = iov.copy()
+        src.send_iovec(iov)
+        reader.result()
+        assert recv.tobytes() == expected
+        assert src.bytes_sent == len(expected)
+        assert np.array_equal(iov, before)          # the caller's array is left alone
+
+
+@pytest.mark.timeout(30)
+def test_send_iovec_on_a_command_pipe_and_a_file(tmp_path: Any) -> None:
+    buffers = [np.full(n, n % 251, dtype=np.uint8) for n in (5, 4096, 1 << 20, 0, 3)]
+    expected = b"".join(b.tobytes() for b in buffers)
+    out_path = tmp_path / "pipe.bin"
+    with open_outgoing(parse_uri(f"exec:cat > '{out_path}'")) as ch:
+        ch.send_iovec(_iovec(buffers))
+        ch.finish()
+    assert out_path.read_bytes() == expected
+    file_path = tmp_path / "file.bin"
+    with open_outgoing(FileAddress(str(file_path))) as ch:
+        ch.send_iovec(_iovec(buffers))
+        assert ch.bytes_sent == len(expected)
+    assert file_path.read_bytes() == expected
+
+
+@pytest.mark.timeout(30)
+def test_send_iovec_errors_name_the_cause() -> None:
+    a, b = Channel.socketpair()
+    with a:
+        b.close()
+        with pytest.raises(TransportError, match="Unable to write to socket: Broken pipe"):
+            big = np.zeros(8 << 20, dtype=np.uint8)
+            a.send_iovec(_iovec([big]))
+    with pytest.raises(ValueError):
+        a.send_iovec(np.zeros(3, dtype=np.uint64))
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_wakes_a_blocked_send_iovec() -> None:
+    src, dst = connected_tcp()
+    with src, dst:
+        big = np.zeros(64 << 20, dtype=np.uint8)       # far more than the socket holds
+        writer = InThread(lambda: src.send_iovec(_iovec([big])))
+        src.shutdown()
+        with pytest.raises(TransportError):
+            writer.result()
 
 
 class _TrickleChannel(Channel):

@@ -20,6 +20,7 @@ from livemig.wire import (
     encode_blob,
     encode_ram_block_list,
     encode_ram_eos,
+    encode_ram_page_headers,
     encode_ram_pages,
     encode_ram_zero_pages,
     encode_tagged_data,
@@ -58,6 +59,29 @@ def test_encode_ram_pages_matches_reference(block, page_numbers, first_has_block
     expected = reference_records(block, offsets.tolist(), [p.tobytes() for p in pages], 0x08,
                                  first_has_block_name)
     assert got.tobytes() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(names, st.lists(st.integers(0, 2**40), max_size=12), st.booleans(), st.integers(0, 2**32),
+       st.booleans())
+def test_page_headers_interleaved_with_pages_equal_encode_ram_pages(
+        block, page_numbers, first_has_block_name, seed, use_scratch):
+    """The gathered write (headers from encode_ram_page_headers, pages from RAM)
+    puts exactly encode_ram_pages' bytes on the wire."""
+    offsets = np.array(page_numbers, dtype=np.int64) * PAGE
+    pages = np.random.default_rng(seed).integers(0, 256, (len(offsets), PAGE), dtype=np.uint8)
+    scratch = np.zeros(4096, dtype=np.uint8) if use_scratch else None
+    headers, first_len = encode_ram_page_headers(block, offsets,
+                                                 first_has_block_name=first_has_block_name,
+                                                 scratch=scratch)
+    wire = b""
+    for i, page in enumerate(pages):
+        lo = 0 if i == 0 else first_len + 8 * (i - 1)
+        hi = first_len if i == 0 else lo + 8
+        wire += headers[lo:hi].tobytes() + page.tobytes()
+    assert headers.size == (first_len + 8 * (len(offsets) - 1) if len(offsets) else 0)
+    assert wire == encode_ram_pages(block, offsets, pages,
+                                    first_has_block_name=first_has_block_name).tobytes()
 
 
 @settings(max_examples=100, deadline=None)

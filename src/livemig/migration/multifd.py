@@ -23,6 +23,7 @@ import numpy as np
 
 from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 from livemig.migration.ram import zero_pages
+from livemig.transport.channel import IOVEC
 from livemig.wire import (
     MULTIFD_FLAG_SYNC,
     decode_multifd_packet_header,
@@ -36,6 +37,25 @@ PACKET_PAGES = 256            # 1 MiB of pages per packet
 QUEUE_DEPTH = 4               # packets queued per channel before the caller blocks
 _SYNC = object()
 _STOP = object()
+
+
+def packet_iovec(head: bytes, normal: np.ndarray, ram_base: int) -> np.ndarray:
+    """The iovecs of one packet: its header, then its normal pages straight from
+    guest RAM, one iovec per run of consecutive pages (the packet's data is
+    the pages back to back, so a run is one contiguous stretch of RAM)."""
+    if normal.size:
+        breaks = np.flatnonzero(np.diff(normal) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [normal.size]))
+    else:
+        starts = ends = np.empty(0, dtype=np.int64)
+    iov = np.empty(1 + starts.size, dtype=IOVEC)
+    iov["base"][0] = np.frombuffer(head, dtype=np.uint8).ctypes.data
+    iov["len"][0] = len(head)
+    iov["base"][1:] = np.uint64(ram_base) + \
+        (normal[starts].astype(np.uint64) << np.uint64(TARGET_PAGE_BITS))
+    iov["len"][1:] = (ends - starts).astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)
+    return iov
 
 
 class MultifdSender:
@@ -52,6 +72,7 @@ class MultifdSender:
         self._lock = threading.Lock()
         self._next = 0
         self._packet_num = 0
+        self._ram_base = ram.host_address
         self._queues: list[queue.Queue] = [queue.Queue(QUEUE_DEPTH) for _ in channels]
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
                                           name=f"mig/src/send_{i}")
@@ -102,14 +123,17 @@ class MultifdSender:
                 idx, known_zero = item
                 nonzero = self.ram.nonzero_pages(idx, known_zero)
                 normal = idx[nonzero]
-                pages = buf[:normal.size]
-                np.take(self.ram.pages, normal, axis=0, out=pages)
                 head = encode_multifd_packet_header(
                     flags=0, normal_offsets=normal.astype(np.uint64) << TARGET_PAGE_BITS,
                     zero_offsets=idx[~nonzero].astype(np.uint64) << TARGET_PAGE_BITS,
                     packet_num=num, block=name)
-                ch.sendmsg_all([head, pages] if pages.size else [head])
-                self.bytes_sent += len(head) + pages.nbytes
+                if hasattr(ch, "send_iovec"):
+                    ch.send_iovec(packet_iovec(head, normal, self._ram_base))
+                else:
+                    pages = buf[:normal.size]
+                    np.take(self.ram.pages, normal, axis=0, out=pages)
+                    ch.sendmsg_all([head, pages] if pages.size else [head])
+                self.bytes_sent += len(head) + normal.size * TARGET_PAGE_SIZE
                 self.normal_pages += int(normal.size)
                 self.zero_pages += int(idx.size - normal.size)
         except Exception as exc:  # noqa: BLE001 - reported through self.error

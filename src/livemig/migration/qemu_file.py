@@ -39,6 +39,25 @@ class QEMUFile:
             self.flush()
             self._send(data)
 
+    @property
+    def can_gather(self) -> bool:
+        """The channel takes gathered writes from anywhere in memory (writev)."""
+        return hasattr(self.channel, "send_iovec")
+
+    def write_iovec(self, iov: Any, nbytes: int) -> None:
+        """Write the memory ``iov`` (a transport ``IOVEC`` array, ``nbytes`` in
+        all) after what is buffered: page data go from guest RAM to the kernel
+        with no copy here (QEMU's qemu_put_buffer_async)."""
+        self.transferred += nbytes
+        self.window_bytes += nbytes
+        self.flush()
+        try:
+            self.channel.send_iovec(iov)
+        except OSError as exc:
+            if self.error is None:
+                self.error = f"Unable to write to socket: {exc.strerror or exc}"
+            raise
+
     def flush(self) -> None:
         if self._buf:
             data, self._buf = bytes(self._buf), bytearray()

@@ -17,6 +17,7 @@ import numpy as np
 
 from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 from livemig.machine.vmstate import LoadContext, OutStream, SaveVMHandlers
+from livemig.transport.channel import IOVEC
 from livemig.wire import (
     PayloadKind,
     RamBlockList,
@@ -26,11 +27,13 @@ from livemig.wire import (
     encode_ram_block_list,
     encode_ram_eos,
     encode_ram_multifd_flush,
+    encode_ram_page_headers,
     encode_ram_pages,
     encode_ram_zero_pages,
 )
 
 BATCH_PAGES = 1024                 # 4 MiB of pages per encode/send
+DOWNTIME_BATCH_PAGES = BATCH_PAGES * 4
 SCAN_PAGES = 1 << 15               # bitmap stretch scanned per lookup
 MAX_WAIT_S = 0.05                  # QEMU's MAX_WAIT: one iterate call sends at most 50 ms
 
@@ -72,6 +75,13 @@ class RamSaveHandler(SaveVMHandlers):
         self.multifd = None            # a MultifdSender when the capability is on
         self.known_zero = np.zeros(self.ram.npages, dtype=bool)
         self._flush_pending = False
+        # Gathered writes: iovec i*2 is record i's header, i*2+1 its page in RAM.
+        self._ram_base = self.ram.host_address
+        self._iov = np.zeros(2 * DOWNTIME_BATCH_PAGES, dtype=IOVEC)
+        self._iov["len"][1::2] = TARGET_PAGE_SIZE
+        self._iov["len"][2::2] = 8
+        self._hdr_scratch = np.empty(8 * DOWNTIME_BATCH_PAGES + 256, dtype=np.uint8)
+        self._hdr_steps = np.arange(DOWNTIME_BATCH_PAGES, dtype=np.uint64) * np.uint64(8)
 
     # -- dirty tracking ---------------------------------------------------------
     def bitmap_sync(self) -> None:
@@ -143,7 +153,7 @@ class RamSaveHandler(SaveVMHandlers):
         self.bitmap_sync()
         self._multifd_flush(out)
         while True:
-            idx = self._next_dirty(BATCH_PAGES * 4)
+            idx = self._next_dirty(DOWNTIME_BATCH_PAGES)
             if idx.size == 0:
                 break
             self._send_pages(out, idx, downtime=True)
@@ -206,15 +216,17 @@ class RamSaveHandler(SaveVMHandlers):
             self._last_block = name
             c.duplicate += int(zero_idx.size)
         if n_normal:
-            if n_normal == idx.size:
-                norm_idx = idx
-                pages = self.ram.pages[lo:hi] if contiguous else self.ram.pages[idx]
+            norm_idx = idx if n_normal == idx.size else idx[nonzero]
+            offsets = norm_idx.astype(np.int64) << TARGET_PAGE_BITS
+            first_named = self._last_block != name
+            if getattr(out, "can_gather", False) and n_normal <= DOWNTIME_BATCH_PAGES:
+                self._write_gathered(out, name, norm_idx, offsets, first_named)
             else:
-                norm_idx = idx[nonzero]
-                pages = self.ram.pages[norm_idx]
-            out.write(encode_ram_pages(name, norm_idx.astype(np.int64) << TARGET_PAGE_BITS,
-                                       pages, first_has_block_name=self._last_block != name,
-                                       scratch=self._scratch))
+                pages = (self.ram.pages[lo:hi] if contiguous and n_normal == idx.size
+                         else self.ram.pages[norm_idx])
+                out.write(encode_ram_pages(name, offsets, pages,
+                                           first_has_block_name=first_named,
+                                           scratch=self._scratch))
             self._last_block = name
             c.normal += n_normal
             if downtime:
@@ -222,6 +234,22 @@ class RamSaveHandler(SaveVMHandlers):
             else:
                 c.precopy_bytes += n_normal * TARGET_PAGE_SIZE
         c.pages_in_window += int(idx.size)
+
+    def _write_gathered(self, out, name: str, norm_idx: np.ndarray, offsets: np.ndarray,
+                        first_named: bool) -> None:
+        """Headers from a small buffer, pages straight from guest RAM, one
+        gathered write: the page bytes are copied once, by the kernel."""
+        n = int(norm_idx.size)
+        hdr, first_len = encode_ram_page_headers(name, offsets, first_has_block_name=first_named,
+                                                 scratch=self._hdr_scratch)
+        iov = self._iov[:2 * n]
+        base = np.uint64(hdr.ctypes.data)
+        iov["base"][0] = base
+        iov["len"][0] = first_len
+        iov["base"][2::2] = base + np.uint64(first_len) + self._hdr_steps[:n - 1]
+        iov["base"][1::2] = np.uint64(self._ram_base) + \
+            (norm_idx.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS))
+        out.write_iovec(iov, int(hdr.size) + n * TARGET_PAGE_SIZE)
 
 
 def zero_pages(ram, idx: np.ndarray) -> None:

@@ -73,6 +73,7 @@ from .ram import (
     encode_ram_block_list,
     encode_ram_eos,
     encode_ram_multifd_flush,
+    encode_ram_page_headers,
     encode_ram_pages,
     encode_ram_zero_pages,
 )
@@ -166,6 +167,7 @@ __all__ = [
     "encode_ram_block_list",
     "encode_ram_eos",
     "encode_ram_multifd_flush",
+    "encode_ram_page_headers",
     "encode_ram_pages",
     "encode_ram_zero_pages",
     "encode_rp_message",

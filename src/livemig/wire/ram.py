@@ -158,6 +158,41 @@ def encode_ram_pages(block: str, offsets: npt.ArrayLike, pages: npt.ArrayLike, *
     return out
 
 
+def encode_ram_page_headers(block: str, offsets: npt.ArrayLike, *,
+                            first_has_block_name: bool,
+                            scratch: npt.NDArray[np.uint8] | None = None,
+                            ) -> tuple[npt.NDArray[np.uint8], int]:
+    """The record headers of ``encode_ram_pages`` without the page bytes.
+
+    For a gathered write (writev) whose page data leave straight from guest
+    RAM, as QEMU's ``qemu_put_buffer_async`` does: record i is header i then
+    page i. Returns ``(headers, first_len)``: the first header is
+    ``headers[:first_len]`` (8 bytes, or 8 + 1 + len(name) with the block
+    name); header i >= 1 is the 8 bytes at ``first_len + 8 * (i - 1)``.
+    With ``scratch`` the result is a view of it when it fits.
+    """
+    off = _check_offsets(offsets)
+    n = off.size
+    if n == 0:
+        return np.empty(0, dtype=np.uint8), 0
+    name = block_name_bytes(block)
+    first_len = RAM_ADDR.size + (1 + len(name) if first_has_block_name else 0)
+    size = first_len + RAM_ADDR.size * (n - 1)
+    out = scratch[:size] if scratch is not None and scratch.size >= size else \
+        np.empty(size, dtype=np.uint8)
+    cont = np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+    out[first_len:].view(_BE64_DTYPE)[:] = off[1:] | cont
+    first = int(off[0]) | RAM_SAVE_FLAG_PAGE
+    if first_has_block_name:
+        out[:RAM_ADDR.size] = np.frombuffer(BE64.pack(first), dtype=np.uint8)
+        out[RAM_ADDR.size] = len(name)
+        out[RAM_ADDR.size + 1:first_len] = np.frombuffer(name, dtype=np.uint8)
+    else:
+        out[:RAM_ADDR.size] = np.frombuffer(BE64.pack(first | RAM_SAVE_FLAG_CONTINUE),
+                                            dtype=np.uint8)
+    return out, first_len
+
+
 def encode_ram_zero_pages(block: str, offsets: npt.ArrayLike, *,
                           first_has_block_name: bool) -> npt.NDArray[np.uint8]:
     """ZERO records (be64 offset | ZERO | CONTINUE, then byte 0) for ``offsets``;
