@@ -45,7 +45,8 @@ async def main(a: argparse.Namespace) -> None:
             while True:
                 info = await src.cmd("query-migrate")
                 ram = info.get("ram", {})
-                print(f"{(time.monotonic() - t0) * 1000:7.0f} {ram.get('transferred', 0) / 1e6:15.0f} "
+                t = (time.monotonic() - t0) * 1000
+                print(f"{t:7.0f} {ram.get('transferred', 0) / 1e6:15.0f} "
                       f"{ram.get('remaining', 0) / 1e6:13.0f} {ram.get('dirty-sync-count', 0):6} "
                       f"{ram.get('dirty-pages-rate', 0):14} {ram.get('mbps', 0):6.0f}")
                 if info.get("status") in ("completed", "failed", "cancelled"):
