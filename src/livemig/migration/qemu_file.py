@@ -51,21 +51,19 @@ class QEMUFile:
         self.transferred += nbytes
         self.window_bytes += nbytes
         self.flush()
-        try:
-            self.channel.send_iovec(iov)
-        except OSError as exc:
-            if self.error is None:
-                self.error = f"Unable to write to socket: {exc.strerror or exc}"
-            raise
+        self._send(iov, gathered=True)
 
     def flush(self) -> None:
         if self._buf:
             data, self._buf = bytes(self._buf), bytearray()
             self._send(data)
 
-    def _send(self, data: Any) -> None:
+    def _send(self, data: Any, gathered: bool = False) -> None:
         try:
-            self.channel.sendall(data)
+            if gathered:
+                self.channel.send_iovec(data)
+            else:
+                self.channel.sendall(data)
         except OSError as exc:
             if self.error is None:
                 self.error = f"Unable to write to socket: {exc.strerror or exc}"
