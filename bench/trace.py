@@ -53,6 +53,8 @@ async def main(a: argparse.Namespace) -> None:
                     print({k: info.get(k) for k in ("status", "total-time", "downtime",
                                                     "setup-time")},
                           "downtime-bytes", ram.get("downtime-bytes"))
+                    if "x-downtime-checkpoints" in info:
+                        print("downtime checkpoints (ms):", info["x-downtime-checkpoints"])
                     break
                 await asyncio.sleep(a.interval)
         finally:

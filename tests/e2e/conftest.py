@@ -12,22 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from e2e_helpers import (  # noqa: F401 - re-exported for the tests
+    PAGE,
+    WALK_END,
+    WALK_START,
+    accel_digest,
+    find_event,
+    runstate,
+    wait_event,
+    wait_guest_runs,
+    wait_until,
+    wait_walking,
+)
+from e2e_helpers import walk_problems_of as walk_problems
 from qemu.qmp import ExecuteError
 
 from livemig.cli.driver import Vm, VmSpec
-from livemig.machine.guest import MIB, parse_size
-from livemig.machine.walk_check import check_walk_pattern
+from livemig.machine.guest import parse_size
 
-PAGE = 4096
 RAM = "64M"
-WALK_START = 1 * MIB
-WALK_END = "16M"
 PREPARE_MS = 400
 # A VFIO-like device that needs PREPARE_MS of preparation on the destination
 # (ACCEL_FAST: 100 ms, for tests that do not measure the preparation).
@@ -98,31 +106,6 @@ async def qmp_error(vm: Vm, command: str, **args: Any) -> ExecuteError:
     raise AssertionError(f"{command} {args} succeeded: {result!r}")
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float,
-                     what: str, poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(poll)
-
-
-def find_event(vm: Vm, name: str, status: str | None = None) -> dict | None:
-    for ev in vm.events:
-        if ev["event"] == name and (status is None or ev.get("data", {}).get("status") == status):
-            return ev
-    return None
-
-
-async def wait_event(vm: Vm, name: str, status: str | None = None,
-                     timeout: float = 20.0) -> dict:
-    """Wait until ``vm`` has delivered event ``name`` (with ``data.status``)."""
-    async def seen() -> bool:
-        return find_event(vm, name, status) is not None
-    await wait_until(seen, timeout, f"{vm.spec.name}: event {name} {status or ''}")
-    return find_event(vm, name, status)  # type: ignore[return-value]
-
-
 def event_time(event: dict) -> float:
     ts = event["timestamp"]
     return ts["seconds"] + ts["microseconds"] / 1e6
@@ -137,10 +120,6 @@ def event_trace(vm: Vm, with_pass: bool = False) -> list[str]:
         elif ev["event"] != "MIGRATION_PASS" or with_pass:
             out.append(ev["event"])
     return out
-
-
-async def runstate(vm: Vm) -> str:
-    return (await vm.cmd("query-status"))["status"]
 
 
 # -- migration helpers -----------------------------------------------------------------------
@@ -167,16 +146,6 @@ async def wait_booted(vm: Vm, timeout: float = 20.0) -> None:
     await vm.wait_serial(lambda data: data.startswith(b"A"), timeout=timeout)
 
 
-async def wait_walking(vm: Vm, timeout: float = 20.0) -> None:
-    """The walk guest finished its first full pass (RAM is the walk pattern)."""
-    await vm.wait_serial(lambda data: data.startswith(b"A"), timeout=timeout)
-    end = parse_size(vm.spec.walk_end, default_unit="") - PAGE
-
-    async def incremented() -> bool:
-        return (await vm.pmem(end, 1))[0] != 0 or (await vm.pmem(WALK_START, 1))[0] > 1
-    await wait_until(incremented, timeout, f"{vm.spec.name}: walk pass")
-
-
 async def wait_completed(vm: Vm, timeout: float = 30.0) -> dict:
     """Poll ``query-migrate`` until a terminal status; return the info."""
     return await vm.wait_status(timeout=timeout, poll=0.005)
@@ -190,31 +159,9 @@ async def whole_ram(vm: Vm) -> bytes:
     return await vm.pmem(0, ram_size(vm))
 
 
-def walk_problems(mem: bytes, walk_end: str = WALK_END) -> list[str]:
-    """QEMU's check_guests_ram on the first byte of every page in the walk range."""
-    pages = np.frombuffer(mem, dtype=np.uint8).reshape(-1, PAGE)[:, 0]
-    end = parse_size(walk_end, default_unit="")
-    return check_walk_pattern(pages[WALK_START // PAGE: end // PAGE])
-
-
 async def vm_walk_problems(vm: Vm) -> list[str]:
     end = parse_size(vm.spec.walk_end, default_unit="")
     return walk_problems(await vm.pmem(0, end), vm.spec.walk_end)
-
-
-async def wait_guest_runs(vm: Vm, timeout: float = 10.0) -> None:
-    """The first walk page's byte changes: the guest really executes."""
-    before = await vm.pmem(WALK_START, 1)
-
-    async def moved() -> bool:
-        return await vm.pmem(WALK_START, 1) != before
-    await wait_until(moved, timeout, f"{vm.spec.name}: guest progress")
-
-
-async def accel_digest(vm: Vm, dev: str = "acc0") -> str:
-    return (await vm.cmd("x-accel-digest", id=dev))["sha256"]
-
-
 
 
 async def start_pair(vms: Launcher, *, src_caps: dict[str, bool] | None = None,

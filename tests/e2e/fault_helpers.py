@@ -45,10 +45,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from e2e_helpers import (  # noqa: F401 - re-exported for the tests
+    PAGE,
+    WALK_END,
+    WALK_START,
+    accel_digest,
+    find_event,
+    runstate,
+    wait_event,
+    wait_guest_runs,
+    wait_until,
+    wait_walking,
+    walk_problems_of,
+)
 
 from livemig.cli.driver import TERMINAL, Vm, VmSpec
-from livemig.machine.guest import MIB, parse_size
-from livemig.machine.walk_check import check_walk_pattern
+from livemig.machine.guest import parse_size
 from livemig.wire import (
     NEED_DATA,
     Closed,
@@ -60,10 +72,7 @@ from livemig.wire import (
     encode_pong,
 )
 
-PAGE = 4096
 RAM = "64M"
-WALK_START = 1 * MIB
-WALK_END = "16M"
 MACHINE_TYPE = "livemig-pc-10.0"
 # A VFIO-like device; small so migrations stay fast. No dirty rate: its memory
 # never changes on the source, so its digest before and after a failure must match.
@@ -168,15 +177,6 @@ def run_with(fleet: Fleet, body: Callable[[], Awaitable[Any]]) -> Any:
 
 # -- waiting -----------------------------------------------------------------------------------
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str,
-                     poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(poll)
-
-
 async def wait_terminal(vm: Vm, timeout: float = 30.0) -> dict:
     """``query-migrate`` once its status is completed, failed or cancelled."""
     return await vm.wait_status(TERMINAL, timeout=timeout, poll=0.01)
@@ -224,21 +224,6 @@ async def assert_stays(vm: Vm, status: str, seconds: float, poll: float = 0.02) 
         await asyncio.sleep(poll)
 
 
-def find_event(vm: Vm, name: str, status: str | None = None) -> dict | None:
-    for ev in vm.events:
-        if ev["event"] == name and (status is None or ev.get("data", {}).get("status") == status):
-            return ev
-    return None
-
-
-async def wait_event(vm: Vm, name: str, status: str | None = None,
-                     timeout: float = 20.0) -> dict:
-    async def seen() -> bool:
-        return find_event(vm, name, status) is not None
-    await wait_until(seen, timeout, f"{vm.spec.name}: event {name} {status or ''}")
-    return find_event(vm, name, status)  # type: ignore[return-value]
-
-
 def migration_trace(vm: Vm) -> list[str]:
     """``MIGRATION`` statuses, ``STOP`` and ``RESUME``, in order."""
     out = []
@@ -250,44 +235,14 @@ def migration_trace(vm: Vm) -> list[str]:
     return out
 
 
-async def runstate(vm: Vm) -> str:
-    return (await vm.cmd("query-status"))["status"]
-
-
 async def wait_runstate(vm: Vm, goal: str, timeout: float = 10.0) -> None:
     await vm.wait_runstate(goal, timeout=timeout)
 
 
 # -- the guest -----------------------------------------------------------------------------------
 
-async def wait_walking(vm: Vm, timeout: float = 20.0) -> None:
-    """The walk guest wrote its ``A`` and finished a first pass over its range."""
-    await vm.wait_serial(lambda data: data.startswith(b"A"), timeout=timeout)
-    end = parse_size(vm.spec.walk_end, default_unit="") - PAGE
-
-    async def walked() -> bool:
-        return (await vm.pmem(end, 1))[0] != 0 or (await vm.pmem(WALK_START, 1))[0] > 1
-    await wait_until(walked, timeout, f"{vm.spec.name}: first walk pass")
-
-
-async def wait_guest_runs(vm: Vm, timeout: float = 10.0) -> None:
-    """The first byte of the walk range changes: the vCPU really executes."""
-    before = await vm.pmem(WALK_START, 1)
-
-    async def moved() -> bool:
-        return await vm.pmem(WALK_START, 1) != before
-    await wait_until(moved, timeout, f"{vm.spec.name}: guest progress")
-
-
 def ram_bytes(vm: Vm) -> int:
     return parse_size(vm.spec.ram, default_unit="m")
-
-
-def walk_problems_of(mem: bytes, walk_end: str = WALK_END) -> list[str]:
-    """QEMU's check_guests_ram on the first byte of every page of the walk range."""
-    pages = np.frombuffer(mem, dtype=np.uint8).reshape(-1, PAGE)[:, 0]
-    end = parse_size(walk_end, default_unit="")
-    return check_walk_pattern(pages[WALK_START // PAGE: end // PAGE])
 
 
 async def walk_problems(vm: Vm) -> list[str]:
@@ -301,10 +256,6 @@ async def walk_problems(vm: Vm) -> list[str]:
     finally:
         if was_running:
             await vm.cmd("cont")
-
-
-async def accel_digest(vm: Vm, dev: str = "acc0") -> str:
-    return (await vm.cmd("x-accel-digest", id=dev))["sha256"]
 
 
 def assert_no_traceback(vm: Vm) -> None:

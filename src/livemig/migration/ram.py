@@ -73,6 +73,7 @@ class RamSaveHandler(SaveVMHandlers):
         self._rate_t0 = time.monotonic()
         self._rate_pages = 0
         self.multifd = None            # a MultifdSender when the capability is on
+        self.multifd_pages_at_stop: int | None = None
         self.known_zero = np.zeros(self.ram.npages, dtype=bool)
         self._flush_pending = False
         # Gathered writes: iovec i*2 is record i's header, i*2+1 its page in RAM.
@@ -150,6 +151,8 @@ class RamSaveHandler(SaveVMHandlers):
         return done
 
     def save_live_complete_precopy(self, out: OutStream) -> None:
+        if self.multifd is not None:
+            self.multifd_pages_at_stop = self.multifd.normal_pages
         self.bitmap_sync()
         self._multifd_flush(out)
         while True:

@@ -381,6 +381,7 @@ class MigrationState(AnnouncesStatus):
                 f.write(encode_section_header(SectionType.SECTION_END, sid))
                 h.save_live_complete_precopy(f)
                 f.write(encode_footer(sid))
+        self._mark("src-ram-queued")
         if self.multifd is not None:
             self.multifd.finish()          # every page packet is out before the devices
         self._mark("src-iterable-saved")
@@ -479,6 +480,11 @@ class MigrationState(AnnouncesStatus):
                 info["setup-time"] = ms(self.times.setup_done - self.times.start)
             done = status is S.COMPLETED
             mfd = self.multifd
+            # multifd pages by run state: those sent once the guest stopped are downtime.
+            at_stop = self.ram.multifd_pages_at_stop
+            mfd_pages = mfd.normal_pages if mfd else 0
+            mfd_precopy = mfd_pages if at_stop is None else at_stop
+            mfd_downtime = 0 if at_stop is None else mfd_pages - at_stop
             info["ram"] = {
                 "transferred": self.transferred(),
                 "remaining": 0 if done else self.ram.remaining_bytes(),
@@ -493,8 +499,8 @@ class MigrationState(AnnouncesStatus):
                 "page-size": 4096,
                 "multifd-bytes": mfd.bytes_sent if mfd else 0,
                 "pages-per-second": int(self.pages_per_second),
-                "precopy-bytes": c.precopy_bytes,
-                "downtime-bytes": c.downtime_bytes,
+                "precopy-bytes": c.precopy_bytes + mfd_precopy * 4096,
+                "downtime-bytes": c.downtime_bytes + mfd_downtime * 4096,
                 "postcopy-bytes": 0,
                 "dirty-sync-missed-zero-copy": 0,
             }
