@@ -43,3 +43,21 @@ def test_guest_device_serial_global_qmp():
 
 def test_machine_accel_form():
     assert parse_run_args(["-machine", "q35,accel=tcg"]).accel == "soft"
+
+
+def test_mem_prealloc_option():
+    assert parse_run_args(["-mem-prealloc"]).mem_prealloc
+    assert parse_run_args(["--mem-prealloc"]).mem_prealloc
+    assert not parse_run_args([]).mem_prealloc
+
+
+def test_prealloc_makes_every_page_resident():
+    from livemig.machine.ram import RamBlock
+    ram = RamBlock("pc.ram", 8 * MIB)
+    try:
+        assert not ram.resident_pages().all()      # a fresh mapping: nothing faulted in
+        ram.prealloc()
+        assert ram.resident_pages().all()
+        assert not ram.pages.any()                  # and still all zero
+    finally:
+        ram.close()

@@ -53,9 +53,10 @@ class Result:
 
 
 async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str,
-                  accel: str) -> Result:
+                  accel: str, mem_prealloc: bool = False) -> Result:
     ram, walk_end, limit, caps, channels = SCENARIOS[scenario]
-    spec = dict(engine=engine, ram=ram, accel=accel, walk_end=walk_end, boot_image=image)
+    spec = dict(engine=engine, ram=ram, accel=accel, walk_end=walk_end, boot_image=image,
+                extra=["-mem-prealloc"] if mem_prealloc else [])
     src = await Vm.start(VmSpec(name=f"{engine}-src-{rep}", **spec), workdir)
     dst = await Vm.start(VmSpec(name=f"{engine}-dst-{rep}", incoming="defer", **spec),
                          workdir)
@@ -196,7 +197,8 @@ async def bench(args: argparse.Namespace) -> int:
                 for engine in engines:     # alternate engines run by run
                     t0 = time.monotonic()
                     try:
-                        r = await one_run(engine, scenario, rep, workdir, image, args.accel)
+                        r = await one_run(engine, scenario, rep, workdir, image, args.accel,
+                                        args.mem_prealloc)
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         r = Result(engine, scenario, rep, "error", error=str(exc))
                     results.append(r)
@@ -208,7 +210,8 @@ async def bench(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = os.path.join(args.out, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
-        json.dump({"engines": engines, "results": [asdict(r) for r in results],
+        json.dump({"engines": engines, "mem_prealloc": args.mem_prealloc,
+                   "results": [asdict(r) for r in results],
                    "summary": rows, "machine": {"cpus": os.cpu_count(),
                                                 "uname": " ".join(os.uname())}}, f, indent=1)
     print_summary(rows, engines)
@@ -225,4 +228,7 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--engines", choices=("both", "livemig"), default="both")
     p.add_argument("--accel", choices=("auto", "kvm", "soft"), default="auto")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--mem-prealloc", action="store_true",
+                   help="start every VM of both engines with -mem-prealloc (guest RAM "
+                        "faulted in at start: no first-touch cost inside the migration)")
     return asyncio.run(bench(p.parse_args(argv)))

@@ -51,7 +51,8 @@ class VmProcess:
         self.machine = Machine(MachineConfig(
             ram_size=opts.ram_size, accel=opts.accel, guest=opts.guest,
             serial_path=opts.serial, devices=opts.devices, name=opts.name, uuid=opts.uuid,
-            incoming=opts.incoming is not None, start_paused=opts.start_paused),
+            incoming=opts.incoming is not None, start_paused=opts.start_paused,
+            mem_prealloc=opts.mem_prealloc),
             on_event=self.server.emit_event)
         self.source = MigrationState(self.machine, self.caps, self.params,
                                      self.server.emit_event)

@@ -31,13 +31,14 @@ class RunOptions:
     guest: GuestConfig = field(default_factory=GuestConfig)
     devices: list[AccelDeviceConfig] = field(default_factory=list)
     serial: str | None = None
+    mem_prealloc: bool = False          # -mem-prealloc: fault all guest RAM in at start
 
 
 # option -> takes a value?
 _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
             "name": True, "global": True, "guest": True, "device": True, "serial": True,
             "drive": True, "uuid": True, "machine": True, "M": True, "display": True,
-            "nodefaults": False, "nographic": False}
+            "nodefaults": False, "nographic": False, "mem-prealloc": False}
 
 
 def parse_run_args(argv: list[str]) -> RunOptions:
@@ -130,6 +131,8 @@ def _apply(opts: RunOptions, name: str, value: str | None) -> None:
             opts.serial = value[len("file:"):]  # type: ignore[index]
         else:
             raise OptionError(f"-serial {value}: only file:PATH and none are supported")
+    elif name == "mem-prealloc":
+        opts.mem_prealloc = True
     # -display, -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do.
 
 

@@ -34,6 +34,7 @@ class MachineConfig:
     uuid: str | None = None
     incoming: bool = False       # -incoming given: start in inmigrate
     start_paused: bool = False   # -S
+    mem_prealloc: bool = False   # -mem-prealloc
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -67,6 +68,8 @@ class Machine:
         config.guest.validate(config.ram_size)
         self.accel_name = choose_accelerator(config.accel)
         self.ram = RamBlock(RAM_BLOCK_NAME, config.ram_size)
+        if config.mem_prealloc:
+            self.ram.prealloc()
         self.dirty_log = DirtyLog(self.ram.npages)
         self.serial = Serial(config.serial_path)
         if self.accel_name == "kvm":
