@@ -36,6 +36,13 @@ def test_complete_needs_both_threshold_and_can_switchover():
     assert sw.complete_ready(0, 0, True)          # first window: only pending == 0
 
 
+def test_sync_exact_near_the_threshold_as_qemu():
+    assert sw.should_sync_exact(99, 100)
+    assert sw.should_sync_exact(100, 100)        # QEMU: must_precopy <= threshold_size
+    assert not sw.should_sync_exact(101, 100)
+    assert sw.should_sync_exact(0, 0)            # first window: pending 0 still syncs
+
+
 @given(st.integers(0, 1 << 40), st.integers(0, 1 << 40), st.booleans())
 def test_complete_ready_never_without_can_switchover(pending, threshold, can):
     if not can:

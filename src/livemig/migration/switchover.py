@@ -33,8 +33,15 @@ def can_switchover(*, switchover_ack: bool, ack_users: int, vm_running: bool,
 
 
 def should_sync_exact(pending_estimate: int, threshold: int) -> bool:
-    """Only near the threshold is the (costly) dirty-log sync worth it."""
-    return pending_estimate < threshold
+    """Only near the threshold is the (costly) dirty-log sync worth it
+    (QEMU: ``must_precopy <= threshold_size``).
+
+    Tried and measured worse on the walk guest: syncing again only after a
+    full drain once a check has missed (2G/1G: 12-34 s instead of 2.5-5 s at
+    downtime-limit 300, no convergence in 200 s at 50). Syncs near the
+    threshold let the cursor send the pages the guest just dirtied ahead of
+    it, which a sequential writer makes the common case."""
+    return pending_estimate <= threshold
 
 
 def complete_ready(pending: int, threshold: int, can_switch: bool) -> bool:
