@@ -194,13 +194,17 @@ class Channel:
         """
         if iov.dtype != IOVEC or iov.ndim != 1:
             raise ValueError("send_iovec takes a 1-D IOVEC array")
-        ends = np.cumsum(iov["len"])          # stream position after each buffer
+        ends = np.cumsum(iov["len"])           # stream position after each buffer
         i, count, sent, owned = 0, iov.size, 0, False
         try:
             while i < count:
-                n = self._writev_raw(iov[i:i + _IOV_MAX])
+                last = min(i + _IOV_MAX, count)
+                n = self._writev_raw(iov[i:last])
                 self.bytes_sent += n
                 sent += n
+                if sent == int(ends[last - 1]):       # all of it: the common case
+                    i = last
+                    continue
                 i = int(np.searchsorted(ends, sent, side="right"))  # first unfinished
                 if i < count:
                     # Resume inside buffer i if it went out in part.
