@@ -40,9 +40,16 @@ _STOP = object()
 
 
 def packet_iovec(head: bytes, normal: np.ndarray, ram_base: int) -> np.ndarray:
-    """The iovecs of one packet: its header, then its normal pages straight from
+    """The iovecs of one packet (``normal``: ascending, unique page numbers, as the
+    RAM handler hands them): its header, then its normal pages straight from
     guest RAM, one iovec per run of consecutive pages (the packet's data is
     the pages back to back, so a run is one contiguous stretch of RAM)."""
+    if normal.size and int(normal[-1]) - int(normal[0]) + 1 == normal.size:
+        iov = np.empty(2, dtype=IOVEC)         # one run: the common case
+        iov[0] = (np.frombuffer(head, dtype=np.uint8).ctypes.data, len(head))
+        iov[1] = (ram_base + (int(normal[0]) << TARGET_PAGE_BITS),
+                  normal.size << TARGET_PAGE_BITS)
+        return iov
     if normal.size:
         breaks = np.flatnonzero(np.diff(normal) != 1) + 1
         starts = np.concatenate(([0], breaks))
@@ -201,9 +208,11 @@ class MultifdReceiver:
         ram = self.ram
         try:
             while True:
-                if ch.recv_into(memoryview(head)[:1]) == 0:
+                got = ch.recv_into(head)
+                if got == 0:
                     return                       # the source closed: done
-                ch.read_exact_into(memoryview(head)[1:])
+                if got < len(head):
+                    ch.read_exact_into(memoryview(head)[got:])
                 pkt = decode_multifd_packet_header(bytes(head))
                 if pkt.block != ram.idstr:
                     raise ValueError(f"multifd: unknown RAM block {pkt.block!r}")
