@@ -51,11 +51,16 @@ async def main(a: argparse.Namespace) -> None:
 
         def spec(name: str, **kw) -> VmSpec:
             extra = ["-name", f"{name},debug-threads=on"] if a.engine == "qemu" else []
+            extra += ["-mem-prealloc"] if a.mem_prealloc else []
             return VmSpec(name=name, engine=a.engine, ram=a.ram, accel="kvm",
                           walk_end=a.walk_end, boot_image=image, extra=extra, **kw)
         src = await Vm.start(spec("src"), wd)
         dst = await Vm.start(spec("dst", incoming="defer"), wd)
         try:
+            if a.multifd:
+                for vm in (src, dst):
+                    await vm.set_caps(multifd=True)
+                    await vm.set_params(multifd_channels=a.multifd)
             await src.set_params(max_bandwidth=0, downtime_limit=1)
             await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
             port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
@@ -63,8 +68,9 @@ async def main(a: argparse.Namespace) -> None:
             while (await src.pmem(end - 4096, 1)) == b"\0":
                 await asyncio.sleep(0.05)
             await src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            while (await src.cmd("query-migrate")).get("ram", {}).get("dirty-sync-count", 0) < 2:
-                await asyncio.sleep(0.05)
+            while (await src.cmd("query-migrate")).get("ram", {}).get(
+                    "dirty-sync-count", 0) < a.after_sync:
+                await asyncio.sleep(0.01)
             before = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
             t0, b0 = time.monotonic(), (await src.cmd("query-migrate"))["ram"]["transferred"]
             await asyncio.sleep(a.seconds)
@@ -101,4 +107,10 @@ if __name__ == "__main__":
     p.add_argument("--ram", default="2G")
     p.add_argument("--walk-end", default="1G")
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--after-sync", type=int, default=2,
+                   help="start measuring at this dirty sync (1: from the first pass on)")
+    p.add_argument("--multifd", type=int, default=0, metavar="CHANNELS",
+                   help="migrate with the multifd capability and this many channels")
+    p.add_argument("--mem-prealloc", action="store_true",
+                   help="start both VMs with -mem-prealloc")
     asyncio.run(main(p.parse_args()))

@@ -21,7 +21,7 @@ async def main(a: argparse.Namespace) -> None:
         with open(image, "wb") as f:
             f.write(bootsector_image(1 << 20, parse_size(a.walk_end)).ljust(1 << 20, b"\0"))
         spec = dict(engine=a.engine, ram=a.ram, accel="kvm", walk_end=a.walk_end,
-                    boot_image=image)
+                    boot_image=image, extra=["-mem-prealloc"] if a.mem_prealloc else [])
         src = await Vm.start(VmSpec(name="src", **spec), wd)
         dst = await Vm.start(VmSpec(name="dst", incoming="defer", **spec), wd)
         try:
@@ -71,6 +71,7 @@ if __name__ == "__main__":
     p.add_argument("--channels", type=int, default=0)
     p.add_argument("--downtime-limit", type=int, default=300)
     p.add_argument("--interval", type=float, default=0.05)
+    p.add_argument("--mem-prealloc", action="store_true", help="start both VMs with it")
     p.add_argument("--stopped", action="store_true",
                    help="stop the guest first: the data path alone, no dirtying")
     asyncio.run(main(p.parse_args()))

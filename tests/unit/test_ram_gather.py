@@ -96,3 +96,28 @@ def test_multifd_packet_iovec_is_header_then_pages(page_numbers):
         assert iov.size == 1 + runs            # one iovec per run of consecutive pages
     finally:
         ram.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32), st.integers(0, NPAGES - 1), st.integers(1, NPAGES),
+       st.booleans())
+def test_nonzero_pages_matches_a_full_scan(seed, start, count, contiguous):
+    """Zero detection (first word, then the rest only where that word is 0; a
+    view for runs, a gather otherwise) against numpy's plain answer."""
+    rng = np.random.default_rng(seed)
+    ram = RamBlock("pc.ram", NPAGES * 4096)
+    try:
+        pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
+        kinds = rng.integers(0, 3, NPAGES)   # 0: zero, 1: first byte set, 2: a byte deep inside
+        pages[kinds == 1, 0] = 1
+        deep = np.flatnonzero(kinds == 2)
+        pages[deep, rng.integers(8, 4096, deep.size)] = 7
+        ram.pages[:] = pages
+        if contiguous:
+            idx = np.arange(start, min(NPAGES, start + count), dtype=np.int64)
+        else:
+            idx = np.sort(rng.choice(NPAGES, size=min(count, NPAGES), replace=False))
+        got = ram.nonzero_pages(idx, np.zeros(idx.size, dtype=bool))
+        assert np.array_equal(got, pages[idx].any(axis=1))
+    finally:
+        ram.close()

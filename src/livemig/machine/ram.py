@@ -68,7 +68,12 @@ class RamBlock:
             first = self.pages64[check, 0] != 0
             maybe = ~first
             if maybe.any():
-                first[maybe] = self.pages64[check[maybe]].any(axis=1)
+                cand = check[maybe]
+                lo, hi = int(cand[0]), int(cand[-1]) + 1
+                if hi - lo == cand.size:      # a run (zeroed memory): a view, no gather
+                    first[maybe] = np.bitwise_or.reduce(self.pages64[lo:hi], axis=1) != 0
+                else:
+                    first[maybe] = self.pages64[cand].any(axis=1)
             nonzero[nonzero] = first
         return nonzero
 
