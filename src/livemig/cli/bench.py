@@ -116,9 +116,10 @@ def summarize(results: list[Result], engines: list[str]) -> list[dict]:
 
 def print_summary(rows: list[dict], engines: list[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="livemig bench (medians; [min..max]; ratio = livemig / QEMU)")
+    table = Table(title=escape("livemig bench (medians [min..max]; ratio = livemig / QEMU)"))
     table.add_column("scenario")
     table.add_column("metric")
     for e in engines:
