@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
 
-from livemig.cli.driver import Vm, VmSpec
-from livemig.machine.guest import parse_size
-from livemig.machine.kvm import bootsector_image
+from common import add_pair_args, pair
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -43,74 +40,45 @@ def thread_times(pid: int) -> dict[int, tuple[str, float, float]]:
 
 
 async def main(a: argparse.Namespace) -> None:
-    end = parse_size(a.walk_end)
-    with tempfile.TemporaryDirectory() as wd:
-        image = os.path.join(wd, "walk.img")
-        with open(image, "wb") as f:
-            f.write(bootsector_image(1 << 20, end).ljust(1 << 20, b"\0"))
-
-        def spec(name: str, **kw) -> VmSpec:
-            extra = ["-name", f"{name},debug-threads=on"] if a.engine == "qemu" else []
-            extra += ["-mem-prealloc"] if a.mem_prealloc else []
-            return VmSpec(name=name, engine=a.engine, ram=a.ram, accel="kvm",
-                          walk_end=a.walk_end, boot_image=image, extra=extra, **kw)
-        src = await Vm.start(spec("src"), wd)
-        dst = await Vm.start(spec("dst", incoming="defer"), wd)
-        try:
-            if a.multifd:
-                for vm in (src, dst):
-                    await vm.set_caps(multifd=True)
-                    await vm.set_params(multifd_channels=a.multifd)
-            await src.set_params(max_bandwidth=0, downtime_limit=1)
-            await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-            port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
-            await src.wait_serial(lambda d: d.startswith(b"A"))
-            while (await src.pmem(end - 4096, 1)) == b"\0":
-                await asyncio.sleep(0.05)
-            await src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            while (await src.cmd("query-migrate")).get("ram", {}).get(
-                    "dirty-sync-count", 0) < a.after_sync:
-                await asyncio.sleep(0.01)
-            before = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
-            t0, b0 = time.monotonic(), (await src.cmd("query-migrate"))["ram"]["transferred"]
-            await asyncio.sleep(a.seconds)
-            info = await src.cmd("query-migrate")
-            t1 = time.monotonic()
-            after = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
-            if info["status"] != "active":
-                print(f"{a.engine}: the migration ended ({info['status']}) inside the window;"
-                      " run again")
-                return
-            gb = (info["ram"]["transferred"] - b0) / 1e9
-            print(f"{a.engine}: {gb / (t1 - t0) * 1000:.0f} MB/s over {t1 - t0:.1f} s")
-            for side in ("src", "dst"):
-                for tid, (name, user, system) in sorted(after[side].items()):
-                    if tid not in before[side]:
-                        continue
-                    du, ds = user - before[side][tid][1], system - before[side][tid][2]
-                    busy = (du + ds) / (t1 - t0)
-                    if busy < 0.05:
-                        continue
-                    vcpu = side == "src" and (name.startswith("CPU ") or ds / (t1 - t0) > 0.8)
-                    label = "  (vCPU: runs the guest)" if vcpu else ""
-                    print(f"  {side} {name:16} user {du / gb:.3f} s/GB  sys {ds / gb:.3f} s/GB"
-                          f"  ({busy:.0%} of a core){label}")
-            await src.cmd("migrate_cancel")
-        finally:
-            await src.close()
-            await dst.close()
+    caps = ("multifd",) if a.multifd else ()
+    async with pair(a, caps=caps, channels=a.multifd, downtime_limit=1) as (src, dst, uri):
+        await src.cmd("migrate", uri=uri)
+        while (await src.cmd("query-migrate")).get("ram", {}).get(
+                "dirty-sync-count", 0) < a.after_sync:
+            await asyncio.sleep(0.01)
+        before = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
+        t0, b0 = time.monotonic(), (await src.cmd("query-migrate"))["ram"]["transferred"]
+        await asyncio.sleep(a.seconds)
+        info = await src.cmd("query-migrate")
+        t1 = time.monotonic()
+        after = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
+        if info["status"] != "active":
+            print(f"{a.engine}: the migration ended ({info['status']}) inside the window;"
+                  " run again")
+            return
+        gb = (info["ram"]["transferred"] - b0) / 1e9
+        print(f"{a.engine}: {gb / (t1 - t0) * 1000:.0f} MB/s over {t1 - t0:.1f} s")
+        for side in ("src", "dst"):
+            for tid, (name, user, system) in sorted(after[side].items()):
+                if tid not in before[side]:
+                    continue
+                du, ds = user - before[side][tid][1], system - before[side][tid][2]
+                busy = (du + ds) / (t1 - t0)
+                if busy < 0.05:
+                    continue
+                vcpu = side == "src" and (name.startswith("CPU ") or ds / (t1 - t0) > 0.8)
+                label = "  (vCPU: runs the guest)" if vcpu else ""
+                print(f"  {side} {name:16} user {du / gb:.3f} s/GB  sys {ds / gb:.3f} s/GB"
+                      f"  ({busy:.0%} of a core){label}")
+        await src.cmd("migrate_cancel")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--engine", default="livemig", choices=("livemig", "qemu"))
-    p.add_argument("--ram", default="2G")
-    p.add_argument("--walk-end", default="1G")
+    add_pair_args(p)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--after-sync", type=int, default=2,
                    help="start measuring at this dirty sync (1: from the first pass on)")
     p.add_argument("--multifd", type=int, default=0, metavar="CHANNELS",
                    help="migrate with the multifd capability and this many channels")
-    p.add_argument("--mem-prealloc", action="store_true",
-                   help="start both VMs with -mem-prealloc")
     asyncio.run(main(p.parse_args()))

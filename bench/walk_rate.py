@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import tempfile
 import time
 
-from livemig.cli.driver import Vm, VmSpec
-from livemig.machine.guest import parse_size
-from livemig.machine.kvm import bootsector_image
+from common import START, add_pair_args, pair
 
-START = 1 << 20
+from livemig.cli.driver import Vm
+from livemig.machine.guest import parse_size
+
 PAGE = 4096
 
 
@@ -52,40 +50,20 @@ async def rate(vm: Vm, end: int, seconds: float) -> float:
 
 async def main(a: argparse.Namespace) -> None:
     end = parse_size(a.walk_end)
-    with tempfile.TemporaryDirectory() as wd:
-        image = os.path.join(wd, "walk.img")
-        with open(image, "wb") as f:
-            f.write(bootsector_image(START, end).ljust(1 << 20, b"\0"))
-        spec = dict(engine=a.engine, ram=a.ram, accel="kvm", walk_end=a.walk_end,
-                    boot_image=image)
-        src = await Vm.start(VmSpec(name="src", **spec), wd)
-        dst = await Vm.start(VmSpec(name="dst", incoming="defer", **spec), wd)
-        try:
-            await src.set_params(max_bandwidth=0, downtime_limit=1)
-            await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-            port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
-            await src.wait_serial(lambda d: d.startswith(b"A"))
-            while (await src.pmem(end - PAGE, 1)) == b"\0":
-                await asyncio.sleep(0.05)
-            print(f"{a.engine}: idle walk {await rate(src, end, 1.0):,.0f} pages/s")
-            await src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            for _ in range(a.samples):
-                r = await rate(src, end, 0.5)
-                info = await src.cmd("query-migrate")
-                if info.get("status") != "active":
-                    break
-                print(f"{a.engine}: migrating walk {r:,.0f} pages/s "
-                      f"(dirty syncs so far: {info['ram']['dirty-sync-count']})")
-            await src.cmd("migrate_cancel")
-        finally:
-            await src.close()
-            await dst.close()
-
+    async with pair(a, downtime_limit=1) as (src, _dst, uri):
+        print(f"{a.engine}: idle walk {await rate(src, end, 1.0):,.0f} pages/s")
+        await src.cmd("migrate", uri=uri)
+        for _ in range(a.samples):
+            r = await rate(src, end, 0.5)
+            info = await src.cmd("query-migrate")
+            if info.get("status") != "active":
+                break
+            print(f"{a.engine}: migrating walk {r:,.0f} pages/s "
+                  f"(dirty syncs so far: {info['ram']['dirty-sync-count']})")
+        await src.cmd("migrate_cancel")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--engine", default="livemig", choices=("livemig", "qemu"))
-    p.add_argument("--ram", default="2G")
-    p.add_argument("--walk-end", default="1G")
+    add_pair_args(p)
     p.add_argument("--samples", type=int, default=4)
     asyncio.run(main(p.parse_args()))

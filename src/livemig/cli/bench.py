@@ -17,7 +17,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from livemig.cli.driver import Vm, VmSpec, qemu_available
 from livemig.machine.guest import parse_size
@@ -33,6 +36,7 @@ SCENARIOS = {
     "2G-1G-multifd2": ("2G", "1G", 300, ("multifd",), 2),
     "2G-1G-multifd4": ("2G", "1G", 300, ("multifd",), 4),
 }
+WALK_START = 1 << 20          # the walk's first page (bytes), as livemig's default
 DEFAULT_SCENARIOS = ("512M-100M-dl300", "2G-1G-dl300")
 
 
@@ -52,33 +56,70 @@ class Result:
     error: str | None = None
 
 
-async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str,
-                  accel: str, mem_prealloc: bool = False) -> Result:
-    ram, walk_end, limit, caps, channels = SCENARIOS[scenario]
-    spec = dict(engine=engine, ram=ram, accel=accel, walk_end=walk_end, boot_image=image,
-                extra=["-mem-prealloc"] if mem_prealloc else [])
-    src = await Vm.start(VmSpec(name=f"{engine}-src-{rep}", **spec), workdir)
-    dst = await Vm.start(VmSpec(name=f"{engine}-dst-{rep}", incoming="defer", **spec),
-                         workdir)
+def walk_image(path: str, walk_end: str) -> str:
+    """The walk boot sector as a raw drive for QEMU. SeaBIOS on q35 will not boot
+    a disk smaller than about one cylinder: pad to 1 MiB (livemig reads 512 bytes)."""
+    from livemig.machine.kvm import bootsector_image
+    with open(path, "wb") as f:
+        f.write(bootsector_image(WALK_START, parse_size(walk_end)).ljust(1 << 20, b"\0"))
+    return path
+
+
+@asynccontextmanager
+async def walk_pair(engine: str, ram: str, walk_end: str, workdir: str, *,
+                    image: str | None = None, accel: str = "kvm", caps: tuple[str, ...] = (),
+                    channels: int = 0, downtime_limit: int = 300, mem_prealloc: bool = False,
+                    names: tuple[str, str] = ("src", "dst"),
+                    ) -> AsyncIterator[tuple[Vm, Vm, str]]:
+    """A source and a destination of one engine running the walk guest, ready to
+    migrate: capabilities (``events`` plus ``caps``) on both, ``max-bandwidth``
+    lifted and ``downtime-limit`` on the source, the destination listening, and
+    the walk past its first pass on the source (the last page's first byte
+    turns non-zero: the same signal on both engines). Yields (src, dst, uri);
+    quits both after. QEMU runs with named threads (``debug-threads=on``)."""
+    image = image or walk_image(os.path.join(workdir, "walk.img"), walk_end)
+
+    def spec(name: str, **kw: Any) -> VmSpec:
+        extra = ["-name", f"{name},debug-threads=on"] if engine == "qemu" else []
+        extra += ["-mem-prealloc"] if mem_prealloc else []
+        return VmSpec(name=name, engine=engine, ram=ram, accel=accel, walk_end=walk_end,
+                      boot_image=image, extra=extra, **kw)
+    src = await Vm.start(spec(names[0]), workdir)
     try:
-        cap_list = [{"capability": c, "state": True} for c in ("events", *caps)]
+        dst = await Vm.start(spec(names[1], incoming="defer"), workdir)
+    except BaseException:
+        await src.close()
+        raise
+    try:
+        enable = [{"capability": c, "state": True} for c in ("events", *caps)]
         for vm in (src, dst):
-            await vm.cmd("migrate-set-capabilities", capabilities=cap_list)
+            await vm.cmd("migrate-set-capabilities", capabilities=enable)
             if channels:
                 await vm.set_params(multifd_channels=channels)
-        await src.set_params(max_bandwidth=0, downtime_limit=limit)
+        await src.set_params(max_bandwidth=0, downtime_limit=downtime_limit)
         await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
         await src.wait_serial(lambda d: d.startswith(b"A"))
-        # Wait until the walk zeroed its range and completed a first pass: the
-        # last page's first byte turns non-zero. Same signal on both engines.
         last = parse_size(walk_end) - 4096
         deadline = time.monotonic() + 120
         while (await src.pmem(last, 1)) == b"\0":
             if time.monotonic() > deadline:
                 raise TimeoutError("the guest's walk did not complete a pass")
             await asyncio.sleep(0.05)
-        await src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        yield src, dst, f"tcp:127.0.0.1:{port}"
+    finally:
+        await src.close()
+        await dst.close()
+
+
+async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str,
+                  accel: str, mem_prealloc: bool = False) -> Result:
+    ram, walk_end, limit, caps, channels = SCENARIOS[scenario]
+    async with walk_pair(engine, ram, walk_end, workdir, image=image, accel=accel, caps=caps,
+                         channels=channels, downtime_limit=limit, mem_prealloc=mem_prealloc,
+                         names=(f"{engine}-src-{rep}", f"{engine}-dst-{rep}"),
+                         ) as (src, dst, uri):
+        await src.cmd("migrate", uri=uri)
         info = await src.wait_status(timeout=300, poll=0.01)
         await dst.wait_status(timeout=60)
         ram_info = info.get("ram", {})
@@ -89,9 +130,6 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
                       ram_info.get("transferred", 0) / 1e3 / total if total else 0.0,
                       src.peak_rss_kib() or 0, dst.peak_rss_kib() or 0,
                       info.get("error-desc"))
-    finally:
-        await src.close()
-        await dst.close()
 
 
 def summarize(results: list[Result], engines: list[str]) -> list[dict]:
@@ -176,7 +214,6 @@ def plot(rows: list[dict], engines: list[str], path: str) -> bool:
 
 
 async def bench(args: argparse.Namespace) -> int:
-    from livemig.machine.kvm import bootsector_image
     engines = ["livemig"]
     if args.engines != "livemig":
         if qemu_available():
@@ -188,12 +225,8 @@ async def bench(args: argparse.Namespace) -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="livemig-bench-") as workdir:
         for scenario in args.scenario or DEFAULT_SCENARIOS:
-            walk_end = parse_size(SCENARIOS[scenario][1])
-            image = os.path.join(workdir, f"walk-{scenario}.img")
-            with open(image, "wb") as f:
-                # SeaBIOS on q35 will not boot a disk smaller than about one
-                # cylinder: pad the boot sector to 1 MiB (livemig reads 512 bytes).
-                f.write(bootsector_image(1 << 20, walk_end).ljust(1 << 20, b"\0"))
+            image = walk_image(os.path.join(workdir, f"walk-{scenario}.img"),
+                               SCENARIOS[scenario][1])
             for rep in range(args.reps):
                 for engine in engines:     # alternate engines run by run
                     t0 = time.monotonic()
