@@ -50,6 +50,7 @@ from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
 from livemig.machine.ram import TARGET_PAGE_SIZE, RamBlock
 from livemig.machine.serial import COM1_PORT, Serial
+from livemig.threadname import name_native_thread
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -546,6 +547,7 @@ class KvmAccelerator:
 
     # -- vCPU thread -----------------------------------------------------------------------
     def _vcpu_thread(self) -> None:
+        name_native_thread()
         # SIGUSR1 stays blocked here except inside KVM_RUN, where it makes the
         # ioctl fail with EINTR; it is then consumed, never delivered.
         normal = signal.pthread_sigmask(signal.SIG_BLOCK, {_KICK_SIGNAL})

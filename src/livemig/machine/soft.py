@@ -16,6 +16,7 @@ from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
 from livemig.machine.ram import TARGET_PAGE_SIZE, RamBlock
 from livemig.machine.serial import Serial
+from livemig.threadname import name_native_thread
 
 PHASE_BOOT, PHASE_ZERO, PHASE_WALK = 0, 1, 2
 # magic "SOFT", version, phase, page index, pass counter
@@ -106,6 +107,7 @@ class SoftAccelerator:
 
     # -- vCPU thread -----------------------------------------------------------
     def _vcpu_thread(self) -> None:
+        name_native_thread()
         rate = self.guest.rate_pages_per_s
         batch = _BATCH_PAGES_MAX if rate == 0 else max(1, min(_BATCH_PAGES_MAX,
                                                               int(rate * _BATCH_SECONDS)))

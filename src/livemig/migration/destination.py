@@ -25,6 +25,7 @@ from livemig.migration.return_path import DestinationReturnPath
 from livemig.migration.savevm import destination_handlers, find_handler, payload_kinds
 from livemig.migration.status import AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
+from livemig.threadname import name_native_thread
 from livemig.transport import TransportError, listen
 from livemig.wire import (
     MULTIFD_INIT_SIZE,
@@ -142,6 +143,7 @@ class IncomingState(AnnouncesStatus):
 
     # -- load thread (@bottom_half) -----------------------------------------------------
     def _thread_main(self) -> None:
+        name_native_thread()
         if self.listener is not None:
             try:
                 self._accept_channels()

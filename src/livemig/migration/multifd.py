@@ -23,6 +23,7 @@ import numpy as np
 
 from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 from livemig.migration.ram import zero_pages
+from livemig.threadname import name_native_thread
 from livemig.transport.channel import IOVEC
 from livemig.wire import (
     MULTIFD_FLAG_SYNC,
@@ -112,6 +113,7 @@ class MultifdSender:
                 continue
 
     def _run(self, i: int) -> None:
+        name_native_thread()
         ch, q = self.channels[i], self._queues[i]
         name = self.ram.idstr
         buf = np.empty((PACKET_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
@@ -203,6 +205,7 @@ class MultifdReceiver:
             self._cond.notify_all()
 
     def _run(self, i: int) -> None:
+        name_native_thread()
         ch = self.channels[i]
         head = bytearray(multifd_packet_header_size())
         ram = self.ram

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from livemig.threadname import name_native_thread
 from livemig.transport import TransportError
 from livemig.wire import (
     NEED_DATA,
@@ -45,6 +46,7 @@ class SourceReturnPath:
         self._thread.start()
 
     def _run(self) -> None:
+        name_native_thread()
         buf = bytearray(4096)
         try:
             while True:

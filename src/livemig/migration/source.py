@@ -28,6 +28,7 @@ from livemig.migration.return_path import SourceReturnPath
 from livemig.migration.savevm import source_handlers
 from livemig.migration.status import AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
+from livemig.threadname import name_native_thread
 from livemig.transport import Channel, TransportError, open_outgoing
 from livemig.wire import (
     MigCmd,
@@ -157,6 +158,7 @@ class MigrationState(AnnouncesStatus):
 
     # -- the migration thread (@bottom_half) ------------------------------------------------
     def _thread_main(self, address) -> None:
+        name_native_thread()
         try:
             self._run(address)
         except MigrationCancelled:
