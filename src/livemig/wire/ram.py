@@ -172,25 +172,11 @@ def encode_ram_page_headers(block: str, offsets: npt.ArrayLike, *,
     With ``scratch`` the result is a view of it when it fits.
     """
     off = _check_offsets(offsets)
-    n = off.size
-    if n == 0:
+    if off.size == 0:
         return np.empty(0, dtype=np.uint8), 0
-    name = block_name_bytes(block)
-    first_len = RAM_ADDR.size + (1 + len(name) if first_has_block_name else 0)
-    size = first_len + RAM_ADDR.size * (n - 1)
-    out = scratch[:size] if scratch is not None and scratch.size >= size else \
-        np.empty(size, dtype=np.uint8)
-    cont = np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
-    out[first_len:].view(_BE64_DTYPE)[:] = off[1:] | cont
-    first = int(off[0]) | RAM_SAVE_FLAG_PAGE
-    if first_has_block_name:
-        out[:RAM_ADDR.size] = np.frombuffer(BE64.pack(first), dtype=np.uint8)
-        out[RAM_ADDR.size] = len(name)
-        out[RAM_ADDR.size + 1:first_len] = np.frombuffer(name, dtype=np.uint8)
-    else:
-        out[:RAM_ADDR.size] = np.frombuffer(BE64.pack(first | RAM_SAVE_FLAG_CONTINUE),
-                                            dtype=np.uint8)
-    return out, first_len
+    # encode_ram_pages' layout with no payload between the records.
+    return _encode_run(block, off, first_has_block_name, RAM_SAVE_FLAG_PAGE, RAM_ADDR.size,
+                       scratch)
 
 
 def encode_ram_zero_pages(block: str, offsets: npt.ArrayLike, *,
