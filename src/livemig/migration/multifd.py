@@ -40,6 +40,14 @@ _SYNC = object()
 _STOP = object()
 
 
+def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first page, page count) of each run of consecutive page numbers, in order."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [pages.size]))
+    return pages[starts], ends - starts
+
+
 def packet_iovec(head: bytes, normal: np.ndarray, ram_base: int) -> np.ndarray:
     """The iovecs of one packet (``normal``: ascending, unique page numbers, as the
     RAM handler hands them): its header, then its normal pages straight from
@@ -51,18 +59,13 @@ def packet_iovec(head: bytes, normal: np.ndarray, ram_base: int) -> np.ndarray:
         iov[1] = (ram_base + (int(normal[0]) << TARGET_PAGE_BITS),
                   normal.size << TARGET_PAGE_BITS)
         return iov
-    if normal.size:
-        breaks = np.flatnonzero(np.diff(normal) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [normal.size]))
-    else:
-        starts = ends = np.empty(0, dtype=np.int64)
-    iov = np.empty(1 + starts.size, dtype=IOVEC)
+    firsts, counts = page_runs(normal) if normal.size else (normal, normal)
+    iov = np.empty(1 + firsts.size, dtype=IOVEC)
     iov["base"][0] = np.frombuffer(head, dtype=np.uint8).ctypes.data
     iov["len"][0] = len(head)
     iov["base"][1:] = np.uint64(ram_base) + \
-        (normal[starts].astype(np.uint64) << np.uint64(TARGET_PAGE_BITS))
-    iov["len"][1:] = (ends - starts).astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)
+        (firsts.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS))
+    iov["len"][1:] = counts.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)
     return iov
 
 
@@ -116,7 +119,6 @@ class MultifdSender:
         name_native_thread()
         ch, q = self.channels[i], self._queues[i]
         name = self.ram.idstr
-        buf = np.empty((PACKET_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
         try:
             while (item := q.get()) is not _STOP:
                 with self._lock:
@@ -136,12 +138,7 @@ class MultifdSender:
                     flags=0, normal_offsets=normal.astype(np.uint64) << TARGET_PAGE_BITS,
                     zero_offsets=idx[~nonzero].astype(np.uint64) << TARGET_PAGE_BITS,
                     packet_num=num, block=name)
-                if hasattr(ch, "send_iovec"):
-                    ch.send_iovec(packet_iovec(head, normal, self._ram_base))
-                else:
-                    pages = buf[:normal.size]
-                    np.take(self.ram.pages, normal, axis=0, out=pages)
-                    ch.sendmsg_all([head, pages] if pages.size else [head])
+                ch.send_iovec(packet_iovec(head, normal, self._ram_base))
                 self.bytes_sent += len(head) + normal.size * TARGET_PAGE_SIZE
                 self.normal_pages += int(normal.size)
                 self.zero_pages += int(idx.size - normal.size)
@@ -231,11 +228,8 @@ class MultifdReceiver:
                     # The offsets came first, so the data go straight into guest RAM,
                     # a run of consecutive pages per read (QEMU reads into iovecs of
                     # host pages the same way): no copy in user space.
-                    breaks = np.flatnonzero(np.diff(normal) != 1) + 1
-                    starts = np.concatenate(([0], breaks))
-                    ends = np.concatenate((breaks, [normal.size]))
-                    for first, count in zip(normal[starts].tolist(), (ends - starts).tolist(),
-                                            strict=True):
+                    firsts, counts = page_runs(normal)
+                    for first, count in zip(firsts.tolist(), counts.tolist(), strict=True):
                         ch.read_exact_into(ram.bytes[first * TARGET_PAGE_SIZE:
                                                      (first + count) * TARGET_PAGE_SIZE])
                     ram.loaded[normal] = True

@@ -39,10 +39,9 @@ class QEMUFile:
             self.flush()
             self._send(data)
 
-    @property
-    def can_gather(self) -> bool:
-        """The channel takes gathered writes from anywhere in memory (writev)."""
-        return hasattr(self.channel, "send_iovec")
+    # Every transport Channel takes gathered writes from anywhere in memory
+    # (send_iovec): page batches come as iovec arrays (write_iovec).
+    can_gather = True
 
     def write_iovec(self, iov: Any, nbytes: int) -> None:
         """Write the memory ``iov`` (a transport ``IOVEC`` array, ``nbytes`` in
