@@ -219,6 +219,31 @@ class Capabilities:
         """State of one capability; ``KeyError`` for an unknown name."""
         return self._state[name]
 
+    # Typed accessors for what the engine reads (the name with '-' as '_').
+    @property
+    def events(self) -> bool:
+        return self._state["events"]
+
+    @property
+    def return_path(self) -> bool:
+        return self._state["return-path"]
+
+    @property
+    def switchover_ack(self) -> bool:
+        return self._state["switchover-ack"]
+
+    @property
+    def pause_before_switchover(self) -> bool:
+        return self._state["pause-before-switchover"]
+
+    @property
+    def multifd(self) -> bool:
+        return self._state["multifd"]
+
+    @property
+    def validate_uuid(self) -> bool:
+        return self._state["validate-uuid"]
+
     def as_dict(self) -> dict[str, bool]:
         """Name -> state, in enum order."""
         return dict(self._state)
