@@ -149,6 +149,14 @@ class MigrationState(AnnouncesStatus):
         self._continue.set()
         self._wake.set()
 
+    def apply_max_bandwidth(self) -> None:
+        """``migrate-set-parameters max-bandwidth`` during a migration: QEMU's
+        migration_rate_set, except once the guest stopped (the rest goes
+        unlimited)."""
+        f = self.file
+        if f is not None and self.is_running() and self.sm.status is not S.DEVICE:
+            f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
+
     def on_switchover_ack(self) -> None:
         """@bottom_half (return-path thread)."""
         with self._lock:

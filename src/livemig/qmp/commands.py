@@ -88,10 +88,8 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
                         [*PARAMETER_DEFAULTS, "block-bitmap-mapping"]})
     def set_params(args: dict) -> None:
         vm.params.set_from_qmp(args)
-        f = vm.source.file
-        if f is not None and "max-bandwidth" in args and vm.source.is_running() \
-                and vm.source.status is not MigrationStatus.DEVICE:
-            f.set_rate_limit(vm.params.max_bandwidth_bytes_per_s)
+        if "max-bandwidth" in args:
+            vm.source.apply_max_bandwidth()
 
     # -- migration ---------------------------------------------------------------------------
     @reg.register("query-migrate")
