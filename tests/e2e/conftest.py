@@ -22,10 +22,13 @@ from e2e_helpers import (  # noqa: F401 - re-exported for the tests
     WALK_END,
     WALK_START,
     accel_digest,
+    events_enabled,
     find_event,
     runstate,
     wait_event,
     wait_guest_runs,
+    wait_migration_status,
+    wait_runstate,
     wait_until,
     wait_walking,
 )
@@ -147,8 +150,9 @@ async def wait_booted(vm: Vm, timeout: float = 20.0) -> None:
 
 
 async def wait_completed(vm: Vm, timeout: float = 30.0) -> dict:
-    """Poll ``query-migrate`` until a terminal status; return the info."""
-    return await vm.wait_status(timeout=timeout, poll=0.005)
+    """``query-migrate`` once its status is terminal (woken by ``MIGRATION`` events
+    when ``events`` is on, polled otherwise: see ``wait_migration_status``)."""
+    return await wait_migration_status(vm, timeout=timeout, poll=0.005)
 
 
 def ram_size(vm: Vm) -> int:
@@ -197,7 +201,7 @@ async def assert_same_guest(src: Vm, dst: Vm, devices: bool = True) -> None:
         raise AssertionError(f"{pages.size} pages differ, first {pages[:8].tolist()}")
     if devices:
         assert await accel_digest(src) == await accel_digest(dst)
-    assert walk_problems(dst_mem) == []
+    assert walk_problems(dst_mem, src.spec.walk_end) == []   # the walk that ran: the source's
 
 
 def pass_numbers(vm: Vm) -> list[int]:

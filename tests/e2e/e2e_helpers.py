@@ -1,7 +1,13 @@
 """Waiting, event and guest helpers shared by ``conftest.py`` (migration and QMP
 tests) and ``fault_helpers.py`` (fault, hostile-input, two-host and soak tests).
 
-Nothing here sleeps "long enough": every wait polls a condition with a deadline.
+Nothing here sleeps "long enough". A wait for an event (``wait_event``) or for
+a state an event announces (``wait_migration_status``: ``MIGRATION`` with
+``events`` on; ``wait_runstate``: ``STOP``/``RESUME``) blocks on a ``qemu.qmp``
+``EventListener`` registered *before* the state is first read, so no change
+can slip between the read and the wait. Only where no event exists (guest
+memory, the serial file, ``query-migrate`` with ``events`` off) does a wait
+poll, always with a deadline.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from livemig.cli.driver import Vm
+from qemu.qmp import EventListener
+
+from livemig.cli.driver import TERMINAL, Vm
 from livemig.machine.guest import MIB, parse_size
 from livemig.machine.walk_check import check_walk_pattern
 
@@ -30,20 +38,117 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, w
         await asyncio.sleep(poll)
 
 
+def _matches(ev, name: str, status: str | None) -> bool:
+    return ev["event"] == name and (status is None
+                                    or ev.get("data", {}).get("status") == status)
+
+
 def find_event(vm: Vm, name: str, status: str | None = None) -> dict | None:
     for ev in vm.events:
-        if ev["event"] == name and (status is None or ev.get("data", {}).get("status") == status):
+        if _matches(ev, name, status):
             return ev
     return None
 
 
+async def _events_caught_up(vm: Vm, timeout: float = 5.0) -> None:
+    """``vm.events`` (filled by the driver's collector task from the default
+    listener) holds every event the client has received so far. The collector
+    only needs its turn on the loop; this yields (``sleep(0)``, no time) until
+    it had it."""
+    deadline = time.monotonic() + timeout
+    while len(vm.events) < len(vm.qmp.events.history):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{vm.spec.name}: event collector stalled")
+        await asyncio.sleep(0)
+
+
+async def _next_event(listener: EventListener, deadline: float) -> dict | None:
+    """The listener's next event, or None once ``deadline`` (monotonic) passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    try:
+        return await asyncio.wait_for(listener.get(), remaining)
+    except (TimeoutError, asyncio.TimeoutError):
+        return None
+
+
 async def wait_event(vm: Vm, name: str, status: str | None = None,
                      timeout: float = 20.0) -> dict:
-    """Wait until ``vm`` has delivered event ``name`` (with ``data.status``)."""
-    async def seen() -> bool:
-        return find_event(vm, name, status) is not None
-    await wait_until(seen, timeout, f"{vm.spec.name}: event {name} {status or ''}")
+    """Wait until ``vm`` has delivered event ``name`` (with ``data.status``); return
+    the first such event (an element of ``vm.events``).
+
+    The listener is registered before the history (``vm.qmp.events.history``:
+    every event received, in order) is searched, with no await in between, so
+    an event arriving at any moment is either in the history or in the listener.
+    """
+    with vm.qmp.listener(name, lambda ev: _matches(ev, name, status)) as listener:
+        if not any(_matches(ev, name, status) for ev in vm.qmp.events.history):
+            if await _next_event(listener, time.monotonic() + timeout) is None:
+                raise TimeoutError(f"timed out after {timeout} s waiting for "
+                                   f"{vm.spec.name}: event {name} {status or ''}")
+    await _events_caught_up(vm)
     return find_event(vm, name, status)  # type: ignore[return-value]
+
+
+async def events_enabled(vm: Vm) -> bool:
+    """Whether the ``events`` capability is on (then every status change is a
+    ``MIGRATION`` event)."""
+    caps = await vm.cmd("query-migrate-capabilities")
+    return any(c["capability"] == "events" and c["state"] for c in caps)
+
+
+async def wait_migration_status(vm: Vm, goals=TERMINAL, timeout: float = 30.0, *,
+                                stop_at=(), poll: float = 0.01) -> dict:
+    """``query-migrate`` once its status is in ``goals``; return it.
+
+    With the ``events`` capability on, this re-reads ``query-migrate`` only when
+    a ``MIGRATION`` event arrives (the listener is registered before the first
+    read, so no change is missed). With it off no event announces a status
+    change, so it polls every ``poll`` s, until the deadline.
+    A status in ``stop_at`` (not in ``goals``) raises AssertionError at once.
+    """
+    goals = (goals,) if isinstance(goals, str) else tuple(goals)
+    deadline = time.monotonic() + timeout
+    with vm.qmp.listener("MIGRATION") as listener:
+        announced = await events_enabled(vm)
+        while True:
+            info = await vm.cmd("query-migrate")
+            status = info.get("status")
+            if status in goals:
+                await _events_caught_up(vm)
+                return info
+            if status in stop_at:
+                raise AssertionError(f"{vm.spec.name}: migration ended {status} while "
+                                     f"waiting for {'/'.join(goals)}: {info}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{vm.spec.name}: migration still {status}, "
+                                   f"not {'/'.join(goals)}")
+            if announced:
+                await _next_event(listener, deadline)
+            else:
+                await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+async def wait_runstate(vm: Vm, goal: str, timeout: float = 10.0,
+                        poll: float = 0.01) -> None:
+    """``query-status`` shows ``goal``.
+
+    Entering ``running`` is always announced (``RESUME``): the wait re-reads the
+    state on each ``STOP``/``RESUME``/``MIGRATION`` event and nothing else. The
+    other run states (``postmigrate``, ``paused`` after an incoming load, ...)
+    may be entered without an event of their own, so for them the wait also
+    re-reads every ``poll`` s, until the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    with vm.qmp.listener(("STOP", "RESUME", "MIGRATION")) as listener:
+        while (status := (await vm.cmd("query-status"))["status"]) != goal:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{vm.spec.name}: run state still {status}, never "
+                                   f"became {goal}")
+            await _next_event(listener, deadline if goal == "running"
+                              else min(deadline, time.monotonic() + poll))
+    await _events_caught_up(vm)
 
 
 async def runstate(vm: Vm) -> str:

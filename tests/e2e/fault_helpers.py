@@ -23,7 +23,9 @@ What this module gives a test:
   for stream surgery.
 * :class:`TwoHosts`: two network namespaces joined by a veth pair.
 
-Nothing here sleeps "long enough": every wait polls a condition with a
+Nothing here sleeps "long enough": waits for events and the states they
+announce block on ``qemu.qmp`` event listeners (``e2e_helpers``; every VM of
+a :class:`Fleet` has ``events`` on); the rest polls a condition with a
 deadline. Everything started here is ended by PID.
 """
 
@@ -50,10 +52,13 @@ from e2e_helpers import (  # noqa: F401 - re-exported for the tests
     WALK_END,
     WALK_START,
     accel_digest,
+    events_enabled,
     find_event,
     runstate,
     wait_event,
     wait_guest_runs,
+    wait_migration_status,
+    wait_runstate,
     wait_until,
     wait_walking,
     walk_problems_of,
@@ -179,23 +184,13 @@ def run_with(fleet: Fleet, body: Callable[[], Awaitable[Any]]) -> Any:
 
 async def wait_terminal(vm: Vm, timeout: float = 30.0) -> dict:
     """``query-migrate`` once its status is completed, failed or cancelled."""
-    return await vm.wait_status(TERMINAL, timeout=timeout, poll=0.01)
+    return await wait_migration_status(vm, TERMINAL, timeout=timeout)
 
 
 async def wait_status(vm: Vm, goal: str, timeout: float = 20.0) -> dict:
-    """Poll ``query-migrate`` until ``status`` is ``goal``; fail at once on a terminal one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await vm.cmd("query-migrate")
-        status = info.get("status")
-        if status == goal:
-            return info
-        if status in TERMINAL:
-            raise AssertionError(f"{vm.spec.name}: migration ended {status} while waiting "
-                                 f"for {goal}: {info}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{vm.spec.name}: migration still {status}, not {goal}")
-        await asyncio.sleep(0.005)
+    """``query-migrate`` once ``status`` is ``goal``; fail at once on a terminal one."""
+    return await wait_migration_status(vm, goal, timeout=timeout, stop_at=TERMINAL,
+                                       poll=0.005)
 
 
 async def wait_transferred(vm: Vm, nbytes: int, timeout: float = 20.0) -> dict:
@@ -214,7 +209,21 @@ async def wait_transferred(vm: Vm, nbytes: int, timeout: float = 20.0) -> dict:
 
 
 async def assert_stays(vm: Vm, status: str, seconds: float, poll: float = 0.02) -> None:
-    """``query-migrate`` reports ``status`` at every poll for ``seconds`` (a held phase)."""
+    """``query-migrate`` reports ``status`` now and no ``MIGRATION`` event comes for
+    ``seconds`` (a held phase: the hold *is* the assertion, so this one wait is
+    on time by design). Without ``events`` it polls the status instead."""
+    with vm.qmp.listener("MIGRATION") as listener:
+        info = await vm.cmd("query-migrate")
+        assert info.get("status") == status, f"{vm.spec.name}: not {status}: {info}"
+        if await events_enabled(vm):
+            try:
+                ev = await asyncio.wait_for(listener.get(), seconds)
+            except (TimeoutError, asyncio.TimeoutError):
+                ev = None
+            assert ev is None, f"{vm.spec.name}: left {status}: {dict(ev)}"
+            info = await vm.cmd("query-migrate")
+            assert info.get("status") == status, f"{vm.spec.name}: left {status}: {info}"
+            return
     deadline = time.monotonic() + seconds
     while True:
         info = await vm.cmd("query-migrate")
@@ -233,10 +242,6 @@ def migration_trace(vm: Vm) -> list[str]:
         elif ev["event"] in ("STOP", "RESUME"):
             out.append(ev["event"])
     return out
-
-
-async def wait_runstate(vm: Vm, goal: str, timeout: float = 10.0) -> None:
-    await vm.wait_runstate(goal, timeout=timeout)
 
 
 # -- the guest -----------------------------------------------------------------------------------
