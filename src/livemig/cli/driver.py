@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,8 +133,8 @@ class Vm:
         await self.cmd("migrate-set-parameters", **{k.replace("_", "-"): v
                                                     for k, v in params.items()})
 
-    async def wait_status(self, goals=TERMINAL, timeout: float = 120.0,
-                          poll: float = 0.005) -> dict:
+    async def wait_status(self, goals: Container[str] = TERMINAL, timeout: float = 120.0,
+                          poll: float = 0.005) -> dict[str, Any]:
         """Poll query-migrate (as QEMU's qtests do) until the status is in ``goals``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -151,7 +152,8 @@ class Vm:
                 raise TimeoutError(f"{self.spec.name}: run state never became {goal}")
             await asyncio.sleep(0.005)
 
-    async def wait_serial(self, predicate, timeout: float = 30.0) -> bytes:
+    async def wait_serial(self, predicate: Callable[[bytes], bool],
+                          timeout: float = 30.0) -> bytes:
         deadline = time.monotonic() + timeout
         while not predicate(data := self.serial_bytes()):
             if time.monotonic() > deadline:
@@ -171,12 +173,14 @@ class Vm:
 
     def peak_rss_kib(self) -> int | None:
         """VmHWM of the process (peak resident set), while it lives."""
+        if self.proc is None:
+            return None
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
                         return int(line.split()[1])
-        except (OSError, AttributeError):
+        except OSError:
             return None
         return None
 

@@ -15,10 +15,23 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
 TERMINAL = ("completed", "failed", "cancelled")
+
+
+class UnexpectedReply(QMPError):
+    """A command answered with something other than the JSON object it documents."""
+
+
+async def query(qmp: QMPClient, cmd: str) -> dict[str, Any]:
+    """Run a QMP command whose reply is a JSON object (``query-migrate``)."""
+    reply = await qmp.execute(cmd)
+    if not isinstance(reply, dict):
+        raise UnexpectedReply(f"{cmd} returned {reply!r}, not a JSON object")
+    return reply
 
 
 async def migrate(args: argparse.Namespace) -> int:
@@ -32,7 +45,7 @@ async def migrate(args: argparse.Namespace) -> int:
         for qmp in (src, dst) if args.dst else (src,):
             if cap_list:
                 await qmp.execute("migrate-set-capabilities", {"capabilities": cap_list})
-        params: dict = {"downtime-limit": args.downtime_limit}
+        params: dict[str, Any] = {"downtime-limit": args.downtime_limit}
         if args.max_bandwidth is not None:
             params["max-bandwidth"] = args.max_bandwidth
         await src.execute("migrate-set-parameters", params)
@@ -40,7 +53,7 @@ async def migrate(args: argparse.Namespace) -> int:
         if args.dst and args.incoming:
             await dst.execute("migrate-incoming", {"uri": args.incoming})
             if uri is None:
-                addr = (await dst.execute("query-migrate"))["socket-address"][0]
+                addr = (await query(dst, "query-migrate"))["socket-address"][0]
                 uri = (f"tcp:{addr['host']}:{addr['port']}" if addr["type"] == "inet"
                        else f"unix:{addr['path']}")
         if uri is None:
@@ -59,7 +72,7 @@ async def migrate(args: argparse.Namespace) -> int:
             await dst.disconnect()
 
 
-async def watch(src: QMPClient, quiet: bool) -> dict:
+async def watch(src: QMPClient, quiet: bool) -> dict[str, Any]:
     """Poll query-migrate until a terminal status, with a rich progress bar."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -68,7 +81,7 @@ async def watch(src: QMPClient, quiet: bool) -> dict:
                   TextColumn("{task.fields[detail]}"), disable=quiet) as progress:
         task = progress.add_task("migrating", total=1.0, detail="")
         while True:
-            info = await src.execute("query-migrate")
+            info = await query(src, "query-migrate")
             status = info.get("status", "none")
             ram = info.get("ram", {})
             if ram:

@@ -41,6 +41,7 @@ import struct
 import sys
 import threading
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,7 @@ def query_kvm(active: bool) -> dict[str, bool]:
     return {"enabled": bool(active), "present": True}
 
 
-def _kernel_sigset(signals) -> bytes:
+def _kernel_sigset(signals: Iterable[int]) -> bytes:
     """A set of signals as the kernel's 64-bit sigset_t (bit n-1 for signal n)."""
     bits = 0
     for sig in signals:
@@ -315,11 +316,12 @@ class KvmAccelerator:
     def resume(self) -> None:
         if self._quit:
             raise RuntimeError("the KVM accelerator is closed")
+        head, _ = self._kvm_run()
         if self._thread is None:
             self._thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
             self._thread.start()
         with self._cond:
-            self._head.immediate_exit = 0
+            head.immediate_exit = 0
             self._idle.clear()
             self._run.set()
             self._cond.notify_all()
@@ -339,8 +341,10 @@ class KvmAccelerator:
         """Interrupt a KVM_RUN in progress (the signal stays pending, harmless, if
         the thread is elsewhere). Called with ``_cond`` held: the thread ends
         only after taking it, so the thread id is still valid here."""
-        if self._thread is not None and self._thread.is_alive():
-            signal.pthread_kill(self._thread.ident, _KICK_SIGNAL)
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            assert thread.ident is not None  # alive, so started
+            signal.pthread_kill(thread.ident, _KICK_SIGNAL)
 
     @property
     def running(self) -> bool:
@@ -402,12 +406,13 @@ class KvmAccelerator:
         out[b"VMST"] = _VMST.pack(_VMST_HALTED if self._halted else 0)
         return out
 
-    def _state_parts(self) -> list[tuple[bytes, type, int, int]]:
+    def _state_parts(self) -> list[tuple[bytes, type[abi.KvmStruct], int, int]]:
         """(tag, struct, GET ioctl, SET ioctl) of the fixed-size parts this host
         has, in QEMU's put order: regs, xsave, xcrs, sregs (MSRs come next),
         then events and debug registers."""
         caps = self._caps
-        parts = [(b"REGS", abi.kvm_regs, abi.KVM_GET_REGS, abi.KVM_SET_REGS)]
+        parts: list[tuple[bytes, type[abi.KvmStruct], int, int]] = [
+            (b"REGS", abi.kvm_regs, abi.KVM_GET_REGS, abi.KVM_SET_REGS)]
         if caps[abi.KVM_CAP_XSAVE]:
             parts.append((b"XSAV", abi.kvm_xsave, abi.KVM_GET_XSAVE, abi.KVM_SET_XSAVE))
         else:
@@ -531,6 +536,13 @@ class KvmAccelerator:
                 return
         self._close_fds()
 
+    def _kvm_run(self) -> tuple[abi.kvm_run_head, mmap.mmap]:
+        """The vCPU's mmapped ``struct kvm_run``: its head and the whole map.
+        Set up by ``__init__`` and dropped only by ``close``."""
+        head, run_map = self._head, self._run_map
+        assert head is not None and run_map is not None, "the KVM vCPU is not mapped"
+        return head, run_map
+
     def _close_fds(self) -> None:
         self._head = None
         if self._run_map is not None:
@@ -574,7 +586,7 @@ class KvmAccelerator:
         """KVM_RUN until paused (EINTR) or the vCPU parks itself. An exit is always
         followed by another KVM_RUN before parking, so a port read's answer is
         in the guest's registers before anyone saves them."""
-        head, fd = self._head, self._vcpu_fd
+        (head, run_map), fd = self._kvm_run(), self._vcpu_fd
         while True:
             try:
                 fcntl.ioctl(fd, abi.KVM_RUN, 0)
@@ -588,7 +600,7 @@ class KvmAccelerator:
                 return
             reason = head.exit_reason
             if reason == abi.KVM_EXIT_IO:
-                self._handle_io(head.io)
+                self._handle_io(run_map, head.io)
             elif reason == abi.KVM_EXIT_HLT:
                 self._halted, self.stop_reason = True, "guest halted"
                 return
@@ -596,15 +608,15 @@ class KvmAccelerator:
                 if not self._run.is_set():
                     return
             else:
-                self._park(self._describe_exit(reason))
+                self._park(self._describe_exit(run_map, reason))
                 return
 
-    def _handle_io(self, io: abi.kvm_run_io) -> None:
+    def _handle_io(self, run_map: mmap.mmap, io: abi.kvm_run_io) -> None:
         nbytes = io.size * io.count
         lo = io.data_offset
         if io.direction == abi.KVM_EXIT_IO_OUT:
             if io.port == COM1_PORT:
-                data = self._run_map[lo:lo + nbytes]
+                data = run_map[lo:lo + nbytes]
                 self.serial.write(data if io.size == 1 else data[::io.size])
             return
         if io.port == COM1_LSR:
@@ -614,13 +626,13 @@ class KvmAccelerator:
         else:
             value = OPEN_BUS
         if io.size == 1:
-            self._run_map[lo:lo + nbytes] = bytes([value]) * io.count
+            run_map[lo:lo + nbytes] = bytes([value]) * io.count
         else:  # wider reads: the value in the low byte, open bus above
-            self._run_map[lo:lo + nbytes] = (bytes([value]) + b"\xff" * (io.size - 1)) * io.count
+            run_map[lo:lo + nbytes] = (bytes([value]) + b"\xff" * (io.size - 1)) * io.count
 
-    def _describe_exit(self, reason: int) -> str:
+    def _describe_exit(self, run_map: mmap.mmap, reason: int) -> str:
         name = abi.EXIT_REASON_NAMES.get(reason, "?")
-        union = self._run_map[abi.KVM_RUN_EXIT_UNION_OFFSET:abi.KVM_RUN_EXIT_UNION_OFFSET + 24]
+        union = run_map[abi.KVM_RUN_EXIT_UNION_OFFSET:abi.KVM_RUN_EXIT_UNION_OFFSET + 24]
         if reason == abi.KVM_EXIT_FAIL_ENTRY:
             hw, cpu = struct.unpack_from("<QI", union)
             detail = f" hardware_entry_failure_reason=0x{hw:x} cpu={cpu}"

@@ -10,6 +10,7 @@ natural alignment, as on x86-64.
 from __future__ import annotations
 
 import ctypes
+from typing import Self
 
 KVM_API_VERSION = 12
 KVMIO = 0xAE
@@ -25,15 +26,15 @@ def _io(nr: int) -> int:
     return _ioc(_IOC_NONE, nr, 0)
 
 
-def _ior(nr: int, struct) -> int:
+def _ior(nr: int, struct: type[ctypes.Structure]) -> int:
     return _ioc(_IOC_READ, nr, ctypes.sizeof(struct))
 
 
-def _iow(nr: int, struct) -> int:
+def _iow(nr: int, struct: type[ctypes.Structure]) -> int:
     return _ioc(_IOC_WRITE, nr, ctypes.sizeof(struct))
 
 
-def _iowr(nr: int, struct) -> int:
+def _iowr(nr: int, struct: type[ctypes.Structure]) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(struct))
 
 
@@ -47,10 +48,13 @@ class _S(ctypes.Structure):
         return bytes(memoryview(self).cast("B"))
 
     @classmethod
-    def from_bytes(cls, data: bytes):
+    def from_bytes(cls, data: bytes) -> Self:
         if len(data) != ctypes.sizeof(cls):
             raise ValueError(f"{cls.__name__} is {ctypes.sizeof(cls)} bytes, got {len(data)}")
         return cls.from_buffer_copy(data)
+
+
+KvmStruct = _S  # the public name for "any of the structs below"
 
 
 # -- memory ---------------------------------------------------------------------

@@ -13,11 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from livemig.machine.accel_device import AccelDevice, AccelDeviceConfig
+from livemig.machine.accel_vmstate import AccelHandler
+from livemig.machine.accelerator import Accelerator
+from livemig.machine.cpu_vmstate import CpuHandler
 from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
 from livemig.machine.ram import RamBlock
 from livemig.machine.runstate import RunState, check_transition
 from livemig.machine.serial import Serial
+from livemig.machine.vmstate import SaveVMHandlers
 
 MACHINE_TYPE = "livemig-pc-10.0"
 RAM_BLOCK_NAME = "pc.ram"
@@ -72,6 +76,7 @@ class Machine:
             self.ram.prealloc()
         self.dirty_log = DirtyLog(self.ram.npages)
         self.serial = Serial(config.serial_path)
+        self.cpu: Accelerator
         if self.accel_name == "kvm":
             from livemig.machine.kvm import KvmAccelerator
             self.cpu = KvmAccelerator(self.ram, self.dirty_log, self.serial, config.guest)
@@ -98,6 +103,13 @@ class Machine:
         return MACHINE_TYPE
 
     # -- run state -------------------------------------------------------------
+    def vmstate_handlers(self) -> list[SaveVMHandlers]:
+        """The machine's own sections, fresh for one migration (QEMU's
+        register_savevm_live / vmstate_register by each device): the devices
+        in creation order, then the vCPU state. The engine adds ``ram`` before
+        them and ``globalstate`` after."""
+        return [*(AccelHandler(dev) for dev in self.devices.values()), CpuHandler(self)]
+
     def is_running(self) -> bool:
         return self.runstate is RunState.RUNNING
 

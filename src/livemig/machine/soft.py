@@ -12,6 +12,9 @@ import struct
 import threading
 import time
 
+import numpy as np
+import numpy.typing as npt
+
 from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
 from livemig.machine.ram import TARGET_PAGE_SIZE, RamBlock
@@ -130,7 +133,7 @@ class SoftAccelerator:
                     if ahead > 0:
                         time.sleep(ahead)
 
-    def _step(self, column, batch: int) -> int:
+    def _step(self, column: npt.NDArray[np.uint8], batch: int) -> int:
         """Run up to ``batch`` pages of the program; return pages touched."""
         if self.phase == PHASE_BOOT:
             self.serial.write(b"A")

@@ -223,5 +223,5 @@ class Blob:
 StreamEvent: TypeAlias = (
     Header | Configuration | Command | SectionStart | SectionPart | SectionEnd | SectionFull
     | SectionFooter | Eof | VmDescription | Closed | RamBlockList | RamPages | RamZeroPages
-    | RamEos | TaggedData | TaggedEnd | Blob
+    | RamEos | RamMultifdFlush | TaggedData | TaggedEnd | Blob
 )
