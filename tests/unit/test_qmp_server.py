@@ -19,20 +19,12 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 from livemig.qmp.errors import QMPError
+from livemig.qmp.qjson import qdict_order, qmp_dumps
 from livemig.qmp.registry import ArgSpec, CommandRegistry
-from livemig.qmp.server import (
-    JSONMessageParser,
-    QMPServer,
-    encode_message,
-    parse_qmp_spec,
-    qdict_order,
-    qmp_dumps,
-)
+from livemig.qmp.server import QMPServer
 
 GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, '
             b'"package": "livemig 0.1.0"}, "capabilities": []}}\r\n')
@@ -695,27 +687,6 @@ def test_preconfig_refuses_commands_not_allowed(tmp_path: Path) -> None:
     run(main)
 
 
-@pytest.mark.parametrize("spec", [
-    "stdio", "mon:stdio", "unix:/tmp/x", "unix:/tmp/x,server=off", "unix:,server=on",
-    "unix:/tmp/x,server=on,telnet=on", "unix:/tmp/x,server=on,wait=maybe",
-    "tcp:localhost,server=on", "tcp:localhost:http,server=on", "tcp:localhost:70000,server=on",
-    "unix:/tmp/x,server=on,nodelay=on", "unix:/" + "x" * 120 + ",server=on",
-])
-def test_unsupported_specs_are_clear_value_errors(spec: str) -> None:
-    with pytest.raises(ValueError, match="-qmp"):
-        parse_qmp_spec(spec)
-
-
-def test_spec_forms() -> None:
-    spec = parse_qmp_spec("unix:/run/a,,b.sock,server,nowait")
-    assert (spec.kind, spec.path, spec.wait) == ("unix", "/run/a,b.sock", False)
-    spec = parse_qmp_spec("tcp::4444,server=on,wait=off,nodelay=on")
-    assert (spec.kind, spec.host, spec.port, spec.wait, spec.nodelay) == (
-        "tcp", "", 4444, False, True)
-    spec = parse_qmp_spec("tcp:[::1]:0,server=on")
-    assert (spec.host, spec.port, spec.wait) == ("::1", 0, True)
-
-
 def test_registry_rejects_bad_registrations() -> None:
     registry = CommandRegistry()
     registry.register("x", lambda args: None)
@@ -729,63 +700,10 @@ def test_registry_rejects_bad_registrations() -> None:
         QMPError("x", error_class="NoSuchClass")
 
 
-# -- JSON codec --------------------------------------------------------------
 
-
-@pytest.mark.parametrize(("data", "expected"), [
-    (b'{"execute":foo}\n', [(None, "JSON parse error, invalid keyword 'foo'")]),
-    (b"}", [(None, "JSON parse error, expecting value")]),
-    (b'{"a" }', [(None, "JSON parse error, missing : in object pair")]),
-    (b"[1,]", [(None, "JSON parse error, expecting value")]),
-    (b"[1 2]", [(None, "JSON parse error, expected separator in list")]),
-    (b'{"a": 1 "b": 2}', [(None, "JSON parse error, expected separator in dict")]),
-    (b'{"a": 1, "a": 2}', [(None, "JSON parse error, duplicate key")]),
-    (b"{1: 2}", [(None, "JSON parse error, key is not a string in object")]),
-    (b'"\\x"', [(None, "JSON parse error, invalid escape sequence in string")]),
-    (b'"\\uD800"', [(None, "JSON parse error, \\uD800 is not a valid Unicode character")]),
-    (b'"\xc3"', [(None, "JSON parse error, invalid UTF-8 sequence in string")]),
-    (b"01 ", [(None, "JSON parse error, stray '01'")]),
-    (b"{'single': 'quotes'}", [({"single": "quotes"}, None)]),
-    (b'"\\uD83D\\uDE00"', [("\U0001F600", None)]),
-    (b"18446744073709551615 18446744073709551616 ", [
-        ((1 << 64) - 1, None), (float(1 << 64), None)]),
-])
-def test_json_parser_matches_qemu(data: bytes, expected: list) -> None:
-    assert JSONMessageParser().feed(data) == expected
-
-
-def test_json_writer_matches_qemu() -> None:
-    assert qmp_dumps({"a": "\u00e9\U0001F600\x7f\n\"", "b": 0.1, "c": 0.0, "d": [], "e": {}}) == (
-        '{"d": [], "e": {}, "a": "\\u00E9\\uD83D\\uDE00\\u007F\\n\\"", '
-        '"b": 0.10000000000000001, "c": 0}')
-    # VersionTriple, VersionInfo, greeting and event key orders seen on QEMU 10.0.2.
-    assert encode_message({"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2},
-                                               "package": "livemig 0.1.0"},
-                                   "capabilities": []}}) == GREETING
-    assert qdict_order(["event", "timestamp", "data"]) == ["timestamp", "event", "data"]
-    assert qdict_order(["status", "running"]) == ["status", "running"]
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(st.characters(blacklist_categories=("Cs",)).filter(
-        lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE))),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20,
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(value=json_values, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6))
-def test_json_round_trip_in_any_chunking(value: Any, cuts: list[int]) -> None:
-    wire = (qmp_dumps([value]) + "\r\n").encode()
-    parser = JSONMessageParser()
-    got = []
-    previous = 0
-    for cut in sorted(cut % (len(wire) + 1) for cut in cuts) + [len(wire)]:
-        got += parser.feed(wire[previous:cut])
-        previous = cut
-    assert got == [([value], None)]
-    assert json.loads(wire) == [value]
+def test_names_moved_out_are_still_importable_from_server() -> None:
+    from livemig.qmp import chardev, qjson, server
+    assert server.parse_qmp_spec is chardev.parse_qmp_spec
+    assert server.ListenSpec is chardev.ListenSpec
+    for name in ("JSONMessageParser", "encode_message", "qdict_order", "qmp_dumps"):
+        assert getattr(server, name) is getattr(qjson, name)
