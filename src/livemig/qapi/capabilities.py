@@ -12,15 +12,16 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from livemig.qapi.errors import (
+    CAPABILITY_NOT_SUPPORTED,
     GLOBAL_PREFIX,
-    INVALID_ENUM_VALUE,
-    INVALID_PARAMETER_TYPE,
-    MISSING_PARAMETER,
+    MIGRATION_IN_PROGRESS,
     PROPERTY_NOT_FOUND,
-    UNEXPECTED_PARAMETER,
+    ZERO_COPY_NEEDS_PLAIN_MULTIFD,
     QapiError,
 )
+from livemig.qapi.schema import Array, Enum, struct
 from livemig.qapi.string_input import parse_bool
+from livemig.qapi.visitor import visit
 
 # MigrationCapability in enum order (= query-migrate-capabilities order).
 CAPABILITIES: Final[tuple[str, ...]] = (
@@ -47,6 +48,14 @@ CAPABILITIES: Final[tuple[str, ...]] = (
     "dirty-limit",
     "mapped-ram",
 )
+
+# The same as schema data: the enum, one list element, the command's arguments.
+MIGRATION_CAPABILITY: Final = Enum("MigrationCapability", CAPABILITIES)
+MIGRATION_CAPABILITY_STATUS: Final = struct(
+    "MigrationCapabilityStatus", {"capability": MIGRATION_CAPABILITY, "state": "bool"})
+MIGRATION_CAPABILITY_STATUS_LIST: Final = Array(MIGRATION_CAPABILITY_STATUS)
+MIGRATE_SET_CAPABILITIES_ARGS: Final = struct(
+    None, {"capabilities": MIGRATION_CAPABILITY_STATUS_LIST})
 
 # ``-global migration.<prop>=on|off`` property -> capability
 # (migration_properties[]; x-zero-copy-send exists on Linux only).
@@ -101,8 +110,7 @@ _BACKGROUND_SNAPSHOT_INCOMPATIBLE: Final = (
     "zero-copy-send",
 )
 
-MIGRATION_IN_PROGRESS: Final = "There's a migration process in progress"
-NOT_SUPPORTED: Final = "Capability '%s' is not supported by livemig"
+NOT_SUPPORTED: Final = CAPABILITY_NOT_SUPPORTED
 
 def caps_check(
     old: Mapping[str, bool],
@@ -146,9 +154,7 @@ def caps_check(
         compression = params is not None and params.get("multifd-compression", "none") != "none"
         tls = params is not None and bool(params.get("tls-creds"))
         if not on("multifd") or on("xbzrle") or compression or tls:
-            raise QapiError(
-                "Zero copy only available for non-compressed non-TLS multifd migration"
-            )
+            raise QapiError(ZERO_COPY_NEEDS_PLAIN_MULTIFD)
     if on("postcopy-preempt"):
         if not on("postcopy-ram"):
             raise QapiError("Postcopy preempt requires postcopy-ram")
@@ -177,31 +183,9 @@ def caps_check(
 
 
 def _parse_items(items: object) -> list[tuple[str, bool]]:
-    """Visit ``migrate-set-capabilities``'s ``capabilities`` like QEMU's input visitor."""
-    if not isinstance(items, list):
-        raise QapiError(INVALID_PARAMETER_TYPE % ("capabilities", "array"))
-    parsed = []
-    for i, item in enumerate(items):
-        where = f"capabilities[{i}]"
-        if not isinstance(item, dict):
-            raise QapiError(INVALID_PARAMETER_TYPE % (where, "object"))
-        if "capability" not in item:
-            raise QapiError(MISSING_PARAMETER % f"{where}.capability")
-        name = item["capability"]
-        if not isinstance(name, str):
-            raise QapiError(INVALID_PARAMETER_TYPE % (f"{where}.capability", "string"))
-        if name not in CAPABILITIES:
-            raise QapiError(INVALID_ENUM_VALUE % ("capability", name))
-        if "state" not in item:
-            raise QapiError(MISSING_PARAMETER % f"{where}.state")
-        state = item["state"]
-        if not isinstance(state, bool):
-            raise QapiError(INVALID_PARAMETER_TYPE % (f"{where}.state", "boolean"))
-        for key in item:
-            if key not in ("capability", "state"):
-                raise QapiError(UNEXPECTED_PARAMETER % f"{where}.{key}")
-        parsed.append((name, state))
-    return parsed
+    """Visit ``migrate-set-capabilities``'s ``capabilities`` (the one QAPI visitor)."""
+    visited = visit(MIGRATION_CAPABILITY_STATUS_LIST, items, "capabilities")
+    return [(item["capability"], item["state"]) for item in visited]
 
 
 class Capabilities:
@@ -219,18 +203,42 @@ class Capabilities:
         """State of one capability; ``KeyError`` for an unknown name."""
         return self._state[name]
 
-    # Typed accessors for what the engine reads (the name with '-' as '_').
+    # Typed accessors, one per capability (the name with '-' as '_').
+    @property
+    def xbzrle(self) -> bool:
+        return self._state["xbzrle"]
+
+    @property
+    def rdma_pin_all(self) -> bool:
+        return self._state["rdma-pin-all"]
+
+    @property
+    def auto_converge(self) -> bool:
+        return self._state["auto-converge"]
+
+    @property
+    def zero_blocks(self) -> bool:
+        return self._state["zero-blocks"]
+
     @property
     def events(self) -> bool:
         return self._state["events"]
 
     @property
-    def return_path(self) -> bool:
-        return self._state["return-path"]
+    def postcopy_ram(self) -> bool:
+        return self._state["postcopy-ram"]
 
     @property
-    def switchover_ack(self) -> bool:
-        return self._state["switchover-ack"]
+    def x_colo(self) -> bool:
+        return self._state["x-colo"]
+
+    @property
+    def release_ram(self) -> bool:
+        return self._state["release-ram"]
+
+    @property
+    def return_path(self) -> bool:
+        return self._state["return-path"]
 
     @property
     def pause_before_switchover(self) -> bool:
@@ -241,8 +249,48 @@ class Capabilities:
         return self._state["multifd"]
 
     @property
+    def dirty_bitmaps(self) -> bool:
+        return self._state["dirty-bitmaps"]
+
+    @property
+    def postcopy_blocktime(self) -> bool:
+        return self._state["postcopy-blocktime"]
+
+    @property
+    def late_block_activate(self) -> bool:
+        return self._state["late-block-activate"]
+
+    @property
+    def x_ignore_shared(self) -> bool:
+        return self._state["x-ignore-shared"]
+
+    @property
     def validate_uuid(self) -> bool:
         return self._state["validate-uuid"]
+
+    @property
+    def background_snapshot(self) -> bool:
+        return self._state["background-snapshot"]
+
+    @property
+    def zero_copy_send(self) -> bool:
+        return self._state["zero-copy-send"]
+
+    @property
+    def postcopy_preempt(self) -> bool:
+        return self._state["postcopy-preempt"]
+
+    @property
+    def switchover_ack(self) -> bool:
+        return self._state["switchover-ack"]
+
+    @property
+    def dirty_limit(self) -> bool:
+        return self._state["dirty-limit"]
+
+    @property
+    def mapped_ram(self) -> bool:
+        return self._state["mapped-ram"]
 
     def as_dict(self) -> dict[str, bool]:
         """Name -> state, in enum order."""
@@ -295,4 +343,4 @@ def parse_global_capability(prop: str, value: str) -> tuple[str, bool]:
     try:
         return GLOBAL_PROPERTY[prop], parse_bool(prop, value)
     except QapiError as e:
-        raise QapiError(prefix + e.desc) from None
+        raise e.prefixed(prefix) from None

@@ -13,17 +13,19 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from livemig.qapi.errors import (
+    BBM_NOT_SUPPORTED,
     GLOBAL_PREFIX,
     INVALID_ENUM_VALUE,
-    INVALID_PARAMETER_TYPE,
     INVALID_PARAMETER_VALUE,
+    MAPPED_RAM_NEEDS_PLAIN_MULTIFD,
     PROPERTY_NOT_FOUND,
-    UNEXPECTED_PARAMETER,
+    ZERO_COPY_NEEDS_PLAIN_MULTIFD,
     QapiError,
 )
-from livemig.qapi.string_input import UINT64_LIMIT, parse_bool, parse_size, parse_uint64
+from livemig.qapi.schema import STR_OR_NULL, UNSIGNED_RANGES, Array, Enum, QapiType, struct
+from livemig.qapi.string_input import parse_bool, parse_size, parse_uint64
+from livemig.qapi.visitor import visit_members
 
-INT64_MIN: Final = -(1 << 63)
 # x86 TARGET_PAGE_SIZE: the lower bound of xbzrle-cache-size (bytes).
 TARGET_PAGE_SIZE: Final = 4096
 MAX_MIGRATE_DOWNTIME_MS: Final = 2000 * 1000
@@ -35,6 +37,16 @@ ENUMS: Final[dict[str, tuple[str, ...]]] = {
     "MigMode": ("normal", "cpr-reboot", "cpr-transfer"),
     "ZeroPageDetection": ("none", "legacy", "multifd"),
 }
+ENUM_TYPES: Final[dict[str, Enum]] = {name: Enum(name, values) for name, values in ENUMS.items()}
+
+# BitmapMigrationNodeAlias and its members (qapi/migration.json).
+BITMAP_MIGRATION_BITMAP_ALIAS: Final = struct("BitmapMigrationBitmapAlias", {
+    "name": "str", "alias": "str",
+    "*transform": struct("BitmapMigrationBitmapAliasTransform", {"*persistent": "bool"}),
+})
+BITMAP_MIGRATION_NODE_ALIAS: Final = struct("BitmapMigrationNodeAlias", {
+    "node-name": "str", "alias": "str", "bitmaps": Array(BITMAP_MIGRATION_BITMAP_ALIAS),
+})
 
 # MigrationParameters members in qapi/migration.json order -> QAPI type.
 # On input (MigrateSetParameters) the tls-* members are StrOrNull.
@@ -69,6 +81,23 @@ SCHEMA: Final[dict[str, str]] = {
     "zero-page-detection": "ZeroPageDetection",
     "direct-io": "bool",
 }
+
+
+def _qapi_type(qtype: str, *, output: bool = False) -> QapiType:
+    if qtype == "StrOrNull":
+        return "str" if output else STR_OR_NULL
+    if qtype == "BitmapMigrationNodeAliasList":
+        return Array(BITMAP_MIGRATION_NODE_ALIAS)
+    return ENUM_TYPES.get(qtype, qtype)
+
+
+# The same members as schema data: migrate-set-parameters' arguments (every
+# member optional) and query-migrate-parameters' return type.
+MIGRATE_SET_PARAMETERS: Final = struct(
+    "MigrateSetParameters", {f"*{name}": _qapi_type(qtype) for name, qtype in SCHEMA.items()})
+MIGRATION_PARAMETERS: Final = struct(
+    "MigrationParameters",
+    {f"*{name}": _qapi_type(qtype, output=True) for name, qtype in SCHEMA.items()})
 
 # query-migrate-parameters on a fresh QEMU 10.0 (block-bitmap-mapping is
 # absent until set). Units: bandwidths bytes/s, times ms, vcpu-dirty-limit MB/s.
@@ -137,47 +166,26 @@ GLOBAL_PROPERTY: Final[dict[str, str]] = {
 # "x-" prefix (downtime-limit, max-bandwidth, ...). Not QEMU behaviour.
 _GLOBAL_ALIAS: Final = {param: param for param in GLOBAL_PROPERTY.values()}
 
-_UINT_MAX: Final = {"uint8": ((1 << 8) - 1, "uint8_t"), "uint32": ((1 << 32) - 1, "uint32_t")}
-BBM_NOT_SUPPORTED: Final = "Parameter 'block-bitmap-mapping' is not supported by livemig"
 
 
 def _expects(c_name: str, what: str) -> QapiError:
     return QapiError(INVALID_PARAMETER_VALUE % (c_name, what))
 
 
-def _visit(name: str, qtype: str, value: Any) -> Any:
-    """Convert one QMP member value as QEMU's QObject input visitor would."""
-    if qtype in ("size", "uint64", "uint8", "uint32"):
-        # JSON integers outside int64/uint64 become doubles in QEMU: rejected.
-        if (isinstance(value, bool) or not isinstance(value, int)
-                or not INT64_MIN <= value < UINT64_LIMIT):
-            raise _expects(name, "uint64")
-        value %= UINT64_LIMIT  # negative values wrap "for backward compatibility"
-        if qtype in _UINT_MAX and value > _UINT_MAX[qtype][0]:
-            raise _expects(name, _UINT_MAX[qtype][1])
-        return value
-    if qtype == "bool":
-        if not isinstance(value, bool):
-            raise QapiError(INVALID_PARAMETER_TYPE % (name, "boolean"))
-        return value
-    if qtype == "StrOrNull":
-        if value is None:
-            return ""  # qmp_migrate_set_parameters rewrites null to ""
-        if not isinstance(value, str):
-            raise QapiError(INVALID_PARAMETER_TYPE % (name, "StrOrNull"))
-        return value
-    if qtype in ENUMS:
-        if not isinstance(value, str):
-            raise QapiError(INVALID_PARAMETER_TYPE % (name, "string"))
-        if value not in ENUMS[qtype]:
-            raise QapiError(INVALID_ENUM_VALUE % (name, value))
-        return value
-    assert qtype == "BitmapMigrationNodeAliasList"
-    if not isinstance(value, list):
-        raise QapiError(INVALID_PARAMETER_TYPE % (name, "array"))
-    if value:
+def visit_set_parameters(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``migrate-set-parameters`` arguments, visited and converted like QEMU stores them.
+
+    Members in schema order, then unknown keys (the visitor); then what
+    ``qmp_migrate_set_parameters`` does before the check: a null tls-* is
+    ``""``. A non-empty block-bitmap-mapping is refused (not implemented).
+    """
+    given = visit_members(MIGRATE_SET_PARAMETERS, args)
+    for name in ("tls-creds", "tls-hostname", "tls-authz"):
+        if name in given and given[name] is None:
+            given[name] = ""
+    if given.get("block-bitmap-mapping"):
         raise QapiError(BBM_NOT_SUPPORTED)
-    return []
+    return given
 
 
 def _is_pow2(n: int) -> bool:
@@ -232,12 +240,12 @@ def params_check(
     for broken, c_name, what in _RULES:
         if broken(new):
             raise _expects(c_name, what)
-    # block-bitmap-mapping: only [] is accepted (see _visit); nothing to check.
+    # block-bitmap-mapping: only [] is accepted (see visit_set_parameters).
     if caps.get("zero-copy-send") and (new["multifd-compression"] != "none" or new["tls-creds"]):
-        raise QapiError("Zero copy only available for non-compressed non-TLS multifd migration")
+        raise QapiError(ZERO_COPY_NEEDS_PLAIN_MULTIFD)
     if caps.get("mapped-ram") and (current["multifd-compression"] != "none"
                                    or current["tls-creds"]):
-        raise QapiError("Mapped-ram only available for non-compressed non-TLS multifd migration")
+        raise QapiError(MAPPED_RAM_NEEDS_PLAIN_MULTIFD)
     if not 1 <= new["x-vcpu-dirty-limit-period"] <= 1000:
         raise _expects("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
     if new["vcpu-dirty-limit"] < 1:
@@ -274,11 +282,7 @@ class Parameters:
         current capabilities, for QEMU's zero-copy and mapped-ram rules.
         There is no "migration in progress" check, as in QEMU.
         """
-        given = {name: _visit(name, qtype, args[name])
-                 for name, qtype in SCHEMA.items() if name in args}
-        for key in args:
-            if key not in SCHEMA:
-                raise QapiError(UNEXPECTED_PARAMETER % key)
+        given = visit_set_parameters(args)
         new = {**self._values, **given}
         params_check(new, caps=caps, current=self._values)
         self._values = new
@@ -330,8 +334,8 @@ def parse_global_parameter(prop: str, value: str) -> tuple[str, Any]:
             return param, parse_size(prop, value)
         if qtype in ("uint8", "uint32", "uint64"):
             number = parse_uint64(prop, value)
-            if qtype in _UINT_MAX and number > _UINT_MAX[qtype][0]:
-                raise _expects(prop, _UINT_MAX[qtype][1])
+            if qtype in UNSIGNED_RANGES and number > UNSIGNED_RANGES[qtype][0]:
+                raise _expects(prop, UNSIGNED_RANGES[qtype][1])
             return param, number
         if qtype == "bool":
             return param, parse_bool(prop, value)
@@ -339,4 +343,4 @@ def parse_global_parameter(prop: str, value: str) -> tuple[str, Any]:
             raise QapiError(INVALID_ENUM_VALUE % (prop, value))
         return param, value  # enum member or tls-* string
     except QapiError as e:
-        raise QapiError(prefix + e.desc) from None
+        raise e.prefixed(prefix) from None

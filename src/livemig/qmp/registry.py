@@ -1,9 +1,10 @@
-"""QMP command registry and QAPI-style argument validation.
+"""QMP command registry; arguments are checked by the one QAPI visitor.
 
 Commands are registered by name with a handler and an argument schema;
 the server validates ``arguments`` against the schema *before* the
-handler runs, reporting the first problem with QEMU's exact text (the
-behaviour of QEMU's QObject input visitor, ``qapi/qobject-input-visitor.c``):
+handler runs, with ``livemig.qapi.visitor`` (QEMU's QObject input
+visitor's behaviour and texts, shared with migrate-set-parameters and
+migrate-set-capabilities):
 
 * members are checked in schema order: a missing required member gives
   ``Parameter 'uri' is missing``, a wrong JSON type
@@ -15,7 +16,9 @@ behaviour of QEMU's QObject input visitor, ``qapi/qobject-input-visitor.c``):
 
 Argument schemas use QAPI's own spelling, so members can be copied from
 ``qapi/*.json``: a key starting with ``*`` is optional, a value is a type
-name or an :class:`ArgSpec`::
+name, an :class:`ArgSpec`, or a ``livemig.qapi.schema`` type (``Enum``,
+``Array``, ``Object``, ``Alternate``); ``args`` may also be a whole
+``schema.Object``::
 
     registry.register("migrate", do_migrate,
                       args={"*uri": "str", "*detach": "bool", "*resume": "bool"})
@@ -40,51 +43,38 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from livemig.qmp import errors
+from livemig.qapi import schema
+from livemig.qapi.errors import QapiError
+from livemig.qapi.schema import Array, Enum, Object, QapiType
+from livemig.qapi.visitor import visit_members
 from livemig.qmp.errors import QMPError
 
 Handler = Callable[[dict[str, Any]], Any]
 
-INT64_MIN: Final = -(1 << 63)
-INT64_MAX: Final = (1 << 63) - 1
-UINT64_LIMIT: Final = 1 << 64
-
-# QAPI built-in type name -> C type name used by QEMU's range errors
-# (qapi/qapi-visit-core.c visit_type_intN / visit_type_uintN).
-_SIGNED_RANGES: Final = {
-    "int8": (-(1 << 7), (1 << 7) - 1, "int8_t"),
-    "int16": (-(1 << 15), (1 << 15) - 1, "int16_t"),
-    "int32": (-(1 << 31), (1 << 31) - 1, "int32_t"),
-}
-_UNSIGNED_RANGES: Final = {
-    "uint8": ((1 << 8) - 1, "uint8_t"),
-    "uint16": ((1 << 16) - 1, "uint16_t"),
-    "uint32": ((1 << 32) - 1, "uint32_t"),
-}
-ARG_TYPES: Final = frozenset(
-    {"str", "int", "int64", "uint64", "size", "bool", "number", "any", "list", "dict"}
-    | set(_SIGNED_RANGES)
-    | set(_UNSIGNED_RANGES)
-)
+# ArgSpec's type names: the QAPI built-ins plus "list" and "dict".
+ARG_TYPES: Final = schema.BUILTINS | {"list", "dict"}
+_SCHEMA_TYPES: Final = (Enum, Array, Object, schema.Alternate)
 
 
 @dataclass(frozen=True)
 class ArgSpec:
-    """One QAPI argument (or nested member).
+    """One QAPI argument (or nested member), in the registry's short spelling.
 
     ``type``: ``str``, ``int`` (= ``int64``), ``int8/16/32``, ``uint8/16/32``,
     ``uint64``, ``size`` (= ``uint64`` on QMP), ``bool``, ``number``
-    (converted to float), ``any``, ``list``, ``dict``.
+    (converted to float), ``any``, ``null``, ``list``, ``dict``.
     ``enum``: allowed values of a ``str`` (a QAPI enum).
     ``members``: schema of a ``dict`` (None: any object, unchecked).
     ``items``: schema of every ``list`` element (None: unchecked).
+    ``qapi``: a ``livemig.qapi.schema`` type to use as is (``type`` is ``any``).
     """
 
     type: str
     optional: bool = False
     enum: tuple[str, ...] | None = None
-    members: Mapping[str, ArgSpec | str] | None = None
-    items: ArgSpec | str | None = None
+    members: Mapping[str, ArgSpec | str | QapiType] | None = None
+    items: ArgSpec | str | QapiType | None = None
+    qapi: QapiType | None = None
     # Normalised form of ``members``: name -> ArgSpec, '*' stripped.
     _members: dict[str, ArgSpec] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -105,21 +95,44 @@ class ArgSpec:
             if self.type != "list":
                 raise ValueError("items= needs type 'list'")
             object.__setattr__(self, "items", _as_spec(self.items, optional=False))
+        if self.qapi is not None:
+            schema.check_type(self.qapi)
+
+    def to_qapi(self) -> QapiType:
+        """This argument's type as ``livemig.qapi.schema`` data, for the visitor."""
+        if self.qapi is not None:
+            return self.qapi
+        if self.type == "str" and self.enum is not None:
+            return Enum("", self.enum)
+        if self.type == "dict":
+            if self._members is None:
+                return Object(None, None)
+            return arguments_type(self._members)
+        if self.type == "list":
+            item = self.items
+            assert item is None or isinstance(item, ArgSpec)
+            return Array(item.to_qapi() if item is not None else "any")
+        return self.type
 
 
-def _as_spec(spec: ArgSpec | str, *, optional: bool) -> ArgSpec:
+def _as_spec(spec: ArgSpec | str | QapiType, *, optional: bool) -> ArgSpec:
+    if isinstance(spec, _SCHEMA_TYPES):
+        return ArgSpec("any", optional=optional, qapi=spec)
     if isinstance(spec, str):
         return ArgSpec(spec, optional=optional)
     if not isinstance(spec, ArgSpec):
         raise TypeError(f"argument spec must be a type name or ArgSpec, not {spec!r}")
     if optional and not spec.optional:
         return ArgSpec(spec.type, optional=True, enum=spec.enum,
-                       members=spec.members, items=spec.items)
+                       members=spec.members, items=spec.items, qapi=spec.qapi)
     return spec
 
 
-def normalize_args(args: Mapping[str, ArgSpec | str]) -> dict[str, ArgSpec]:
+def normalize_args(args: Mapping[str, ArgSpec | str | QapiType] | Object,
+                   ) -> dict[str, ArgSpec]:
     """Turn a QAPI-style member map (``'*name'`` = optional) into name -> ArgSpec."""
+    if isinstance(args, Object):
+        return {m.name: ArgSpec("any", optional=m.optional, qapi=m.type) for m in args}
     out: dict[str, ArgSpec] = {}
     for key, spec in args.items():
         optional = key.startswith("*")
@@ -132,114 +145,10 @@ def normalize_args(args: Mapping[str, ArgSpec | str]) -> dict[str, ArgSpec]:
     return out
 
 
-class _Path:
-    """Where the visitor is, to spell names like QEMU's ``full_name()``."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-
-    def name(self, leaf: str | None = None) -> str:
-        text = "".join(self.parts)
-        if leaf is not None:
-            text = f"{text}.{leaf}" if text else leaf
-        return text.lstrip(".") or "<anonymous>"
-
-
-def _fail(template: str, *values: object) -> QMPError:
-    return QMPError(template % values)
-
-
-def _check_value(spec: ArgSpec, value: Any, path: _Path, leaf: str | None) -> Any:
-    """Validate one present value; return it converted like QEMU would see it.
-
-    ``leaf`` is the member name (None for a list element): QEMU's range and
-    enum errors use the bare name, or "null" for list elements, while type
-    errors use the full path.
-    """
-    kind = spec.type
-    if kind == "any":
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise _fail(errors.INVALID_PARAMETER_TYPE, path.name(leaf), "string")
-        if spec.enum is not None and value not in spec.enum:
-            raise _fail(errors.INVALID_ENUM_VALUE, leaf if leaf is not None else "null", value)
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise _fail(errors.INVALID_PARAMETER_TYPE, path.name(leaf), "boolean")
-        return value
-    if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(errors.INVALID_PARAMETER_TYPE, path.name(leaf), "number")
-        return float(value)
-    if kind in ("int", "int64") or kind in _SIGNED_RANGES:
-        if (isinstance(value, bool) or not isinstance(value, int)
-                or not INT64_MIN <= value <= INT64_MAX):
-            raise _fail(errors.INVALID_PARAMETER_TYPE, path.name(leaf), "integer")
-        if kind in _SIGNED_RANGES:
-            low, high, ctype = _SIGNED_RANGES[kind]
-            if not low <= value <= high:
-                raise _fail(errors.INVALID_PARAMETER_VALUE,
-                            leaf if leaf is not None else "null", ctype)
-        return value
-    if kind in ("uint64", "size") or kind in _UNSIGNED_RANGES:
-        # QEMU accepts negative int64 for uint64 "for backward
-        # compatibility" and wraps it modulo 2**64.
-        if (isinstance(value, bool) or not isinstance(value, int)
-                or not INT64_MIN <= value < UINT64_LIMIT):
-            raise _fail(errors.INVALID_PARAMETER_VALUE, path.name(leaf), "uint64")
-        value %= UINT64_LIMIT
-        if kind in _UNSIGNED_RANGES:
-            high, ctype = _UNSIGNED_RANGES[kind]
-            if value > high:
-                raise _fail(errors.INVALID_PARAMETER_VALUE,
-                            leaf if leaf is not None else "null", ctype)
-        return value
-    if kind == "dict":
-        if not isinstance(value, dict):
-            raise _fail(errors.INVALID_PARAMETER_TYPE, path.name(leaf), "object")
-        if spec._members is None:
-            return value
-        path.parts.append("." + leaf if leaf is not None else "")
-        try:
-            return _check_members(spec._members, value, path)
-        finally:
-            path.parts.pop()
-    if kind == "list":
-        if not isinstance(value, list):
-            raise _fail(errors.INVALID_PARAMETER_TYPE, path.name(leaf), "array")
-        item_spec = spec.items
-        if item_spec is None:
-            return value
-        assert isinstance(item_spec, ArgSpec)
-        out = []
-        base = "." + leaf if leaf is not None else ""
-        for index, item in enumerate(value):
-            path.parts.append(f"{base}[{index}]")
-            try:
-                out.append(_check_value(item_spec, item, path, None))
-            finally:
-                path.parts.pop()
-        return out
-    raise AssertionError(kind)  # pragma: no cover - ARG_TYPES is closed
-
-
-def _check_members(members: Mapping[str, ArgSpec], obj: Mapping[str, Any],
-                   path: _Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, spec in members.items():
-        if name not in obj:
-            if not spec.optional:
-                raise _fail(errors.MISSING_PARAMETER, path.name(name))
-            continue
-        out[name] = _check_value(spec, obj[name], path, name)
-    for key in obj:
-        if key not in members:
-            raise _fail(errors.UNEXPECTED_PARAMETER, path.name(key))
-    return out
+def arguments_type(args: Mapping[str, ArgSpec]) -> Object:
+    """The anonymous ``schema.Object`` of a normalised argument map."""
+    return Object(None, tuple(schema.Member(name, spec.to_qapi(), spec.optional)
+                              for name, spec in args.items()))
 
 
 @dataclass(frozen=True)
@@ -251,12 +160,19 @@ class Command:
     args: dict[str, ArgSpec]
     allow_preconfig: bool = False
     blocking: bool = False
+    # The arguments as schema data (walked by the visitor, later by query-qmp-schema).
+    arg_type: Object = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arg_type", arguments_type(self.args))
 
     def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Check ``arguments`` against the schema; raise :class:`QMPError` with
         QEMU's text, or return the converted arguments for the handler."""
-        return _check_members(self.args, arguments, _Path())
-
+        try:
+            return visit_members(self.arg_type, arguments)
+        except QapiError as exc:
+            raise QMPError.from_qapi(exc) from None
 
 class CommandRegistry:
     """Name -> :class:`Command`. Filled at start-up, read by the QMP server.
@@ -275,7 +191,7 @@ class CommandRegistry:
         name: str,
         handler: Handler | None = None,
         *,
-        args: Mapping[str, ArgSpec | str] | None = None,
+        args: Mapping[str, ArgSpec | str | QapiType] | Object | None = None,
         allow_preconfig: bool = False,
         blocking: bool = False,
     ) -> Any:

@@ -1,0 +1,171 @@
+"""The one QAPI input visitor: QMP JSON values checked against ``livemig.qapi.schema``.
+
+It behaves like QEMU's QObject input visitor (``qapi/qobject-input-visitor.c``
+with ``qapi/qapi-visit-core.c``) and reports the first problem with QEMU's
+text: members in schema order (missing, then wrong type), then the first
+left-over key; type errors name the full path (``capabilities[0].state``),
+range and enum errors the bare member name (``null`` for a list element).
+Command arguments, ``migrate-set-parameters`` and
+``migrate-set-capabilities`` are all visited here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from livemig.qapi.errors import (
+    INVALID_ENUM_VALUE,
+    INVALID_PARAMETER_TYPE,
+    INVALID_PARAMETER_VALUE,
+    MISSING_PARAMETER,
+    UNEXPECTED_PARAMETER,
+    QapiError,
+)
+from livemig.qapi.schema import (
+    SIGNED_RANGES,
+    UNSIGNED_RANGES,
+    Alternate,
+    Array,
+    Enum,
+    Object,
+    QapiType,
+)
+
+INT64_MIN: Final = -(1 << 63)
+INT64_MAX: Final = (1 << 63) - 1
+UINT64_LIMIT: Final = 1 << 64
+
+# Alternate branches by JSON type (qobject_input_start_alternate's QType test).
+_JSON_KIND: Final = {"str": str, "bool": bool, "null": type(None)}
+
+
+class _Path:
+    """Where the visitor is, to spell names like QEMU's ``full_name()``."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def name(self, leaf: str | None = None) -> str:
+        text = "".join(self.parts)
+        if leaf is not None:
+            text = f"{text}.{leaf}" if text else leaf
+        return text.lstrip(".") or "<anonymous>"
+
+
+def _fail(template: str, *values: object) -> QapiError:
+    return QapiError(template % values)
+
+
+def visit(qtype: QapiType, value: Any, name: str | None = None) -> Any:
+    """Check one value (the member ``name`` of the top-level object); return it converted."""
+    return _visit(qtype, value, _Path(), name)
+
+
+def visit_members(obj: Object, value: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a command's ``arguments`` (or any top-level object) against ``obj``.
+
+    Returns the converted members; absent optional members stay absent.
+    """
+    return _visit_members(obj, value, _Path())
+
+
+def _visit(qtype: QapiType, value: Any, path: _Path, leaf: str | None) -> Any:
+    bare = leaf if leaf is not None else "null"
+    if isinstance(qtype, Enum):
+        if not isinstance(value, str):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "string")
+        if value not in qtype.members:
+            raise _fail(INVALID_ENUM_VALUE, bare, value)
+        return value
+    if isinstance(qtype, Object):
+        if not isinstance(value, dict):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "object")
+        if qtype.members is None:
+            return value
+        path.parts.append("." + leaf if leaf is not None else "")
+        try:
+            return _visit_members(qtype, value, path)
+        finally:
+            path.parts.pop()
+    if isinstance(qtype, Array):
+        if not isinstance(value, list):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "array")
+        out = []
+        base = "." + leaf if leaf is not None else ""
+        for index, item in enumerate(value):
+            path.parts.append(f"{base}[{index}]")
+            try:
+                out.append(_visit(qtype.element, item, path, None))
+            finally:
+                path.parts.pop()
+        return out
+    if isinstance(qtype, Alternate):
+        for choice in qtype.choices:
+            kind = _JSON_KIND.get(choice) if isinstance(choice, str) else None
+            if kind is not None and type(value) is kind:
+                return value
+        raise _fail(INVALID_PARAMETER_TYPE, bare, qtype.name)
+    return _visit_builtin(qtype, value, path, leaf)
+
+
+def _visit_builtin(kind: str, value: Any, path: _Path, leaf: str | None) -> Any:
+    bare = leaf if leaf is not None else "null"
+    if kind == "any":
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "string")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "boolean")
+        return value
+    if kind == "null":
+        if value is not None:
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "null")
+        return None
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "number")
+        return float(value)
+    if kind in ("int", "int64") or kind in SIGNED_RANGES:
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not INT64_MIN <= value <= INT64_MAX):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "integer")
+        if kind in SIGNED_RANGES:
+            low, high, ctype = SIGNED_RANGES[kind]
+            if not low <= value <= high:
+                raise _fail(INVALID_PARAMETER_VALUE, bare, ctype)
+        return value
+    if kind in ("uint64", "size") or kind in UNSIGNED_RANGES:
+        # Negative int64 is accepted "for backward compatibility" and wraps;
+        # JSON integers outside int64/uint64 are doubles in QEMU: refused.
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not INT64_MIN <= value < UINT64_LIMIT):
+            raise _fail(INVALID_PARAMETER_VALUE, path.name(leaf), "uint64")
+        value %= UINT64_LIMIT
+        if kind in UNSIGNED_RANGES:
+            high, ctype = UNSIGNED_RANGES[kind]
+            if value > high:
+                raise _fail(INVALID_PARAMETER_VALUE, bare, ctype)
+        return value
+    raise AssertionError(kind)  # pragma: no cover - schema.check_type refuses others
+
+
+def _visit_members(obj: Object, value: Mapping[str, Any], path: _Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    known = set()
+    for member in obj:
+        known.add(member.name)
+        if member.name not in value:
+            if not member.optional:
+                raise _fail(MISSING_PARAMETER, path.name(member.name))
+            continue
+        out[member.name] = _visit(member.type, value[member.name], path, member.name)
+    for key in value:
+        if key not in known:
+            raise _fail(UNEXPECTED_PARAMETER, path.name(key))
+    return out
