@@ -1,10 +1,18 @@
-"""QMP end to end: one ``livemig run`` process at a time, driven by ``qemu.qmp``
-exactly as QEMU 10.0 would be (texts from the reference, sections 4 and 8)."""
+"""QMP driven by ``qemu.qmp`` exactly as QEMU 10.0 would be (texts from the
+reference, sections 4 and 8).
+
+Tests that only check QMP answers run on the real VM's QMP side in this
+process (``tests/qmp_inprocess.py``, fixture ``inproc``: same command line,
+guest never started, so a VM without ``-S`` is in ``prelaunch``). Those that
+need a process (exit status, stderr, a running guest, a migration listener)
+start one ``livemig run`` at a time (fixture ``vms``).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -19,6 +27,15 @@ from conftest import (
     wait_walking,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for qmp_inprocess
+from qmp_inprocess import inprocess_fleet  # noqa: E402
+
+
+@pytest.fixture
+def inproc(tmp_path):
+    yield from inprocess_fleet(tmp_path)
+
+
 MIGRATION_COMMANDS = (
     "migrate", "migrate-incoming", "migrate_cancel", "migrate-continue",
     "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters",
@@ -27,27 +44,27 @@ MIGRATION_COMMANDS = (
 
 
 @pytest.mark.timeout(30)
-def test_greeting_and_query_version(vms):
+def test_greeting_and_query_version(inproc):
     async def body():
-        vm = await vms.start("greet")
+        vm = await inproc.start("greet")
         version = vm.qmp.greeting.QMP.version
         assert version["qemu"]["major"] == 10
         assert "livemig" in version["package"]
         assert vm.qmp.greeting.QMP.capabilities == []
         assert await vm.cmd("query-version") == dict(version)
         assert await vm.cmd("query-name") == {"name": "greet"}
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_query_commands_lists_the_migration_commands(vms):
+def test_query_commands_lists_the_migration_commands(inproc):
     async def body():
-        vm = await vms.start("cmds")
+        vm = await inproc.start("cmds")
         names = {c["name"] for c in await vm.cmd("query-commands")}
         missing = [c for c in MIGRATION_COMMANDS if c not in names]
         assert not missing
         assert {"query-status", "stop", "cont", "quit", "pmemsave"} <= names
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
@@ -80,20 +97,21 @@ def test_query_status_prelaunch_with_S(vms):
 
 
 @pytest.mark.timeout(30)
-def test_query_status_inmigrate_with_incoming_defer(vms):
+def test_query_status_inmigrate_with_incoming_defer(inproc):
     async def body():
-        vm = await vms.start("defer", incoming="defer")
+        vm = await inproc.start("defer", incoming="defer")
         assert await vm.cmd("query-status") == {"running": False, "status": "inmigrate"}
         # stop/cont while inmigrate only toggle autostart: state stays inmigrate.
         assert await vm.cmd("cont") == {}
         assert await runstate(vm) == "inmigrate"
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_unknown_command_and_bad_arguments(vms):
+def test_unknown_command_and_bad_arguments(inproc):
     async def body():
-        vm = await vms.start("errors")
+        vm = await inproc.start("errors")
+        assert await runstate(vm) == "prelaunch"     # in process: the guest never starts
         err = await qmp_error(vm, "no-such-command")
         assert err.error_class == "CommandNotFound"
         assert str(err) == "The command no-such-command has not been found"
@@ -109,14 +127,14 @@ def test_unknown_command_and_bad_arguments(vms):
         assert str(err) == "Parameter 'capability' does not accept value 'no-such-cap'"
         err = await qmp_error(vm, "migrate-continue", state="no-such-state")
         assert str(err) == "Parameter 'state' does not accept value 'no-such-state'"
-        assert await runstate(vm) == "running"       # errors change nothing
-    run_with(vms, body)
+        assert await runstate(vm) == "prelaunch"     # errors change nothing
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_migration_defaults(vms):
+def test_migration_defaults(inproc):
     async def body():
-        vm = await vms.start("defaults")
+        vm = await inproc.start("defaults")
         assert await vm.cmd("query-migrate") == {}
         params = await vm.cmd("query-migrate-parameters")
         assert params["downtime-limit"] == 300
@@ -124,13 +142,13 @@ def test_migration_defaults(vms):
         caps = await vm.cmd("query-migrate-capabilities")
         assert caps[0] == {"state": False, "capability": "xbzrle"}
         assert len(caps) == 22 and not any(c["state"] for c in caps)
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_switchover_ack_requires_return_path(vms):
+def test_switchover_ack_requires_return_path(inproc):
     async def body():
-        vm = await vms.start("caps")
+        vm = await inproc.start("caps")
         err = await qmp_error(vm, "migrate-set-capabilities",
                               capabilities=[{"capability": "switchover-ack", "state": True}])
         assert err.error_class == "GenericError"
@@ -143,19 +161,19 @@ def test_switchover_ack_requires_return_path(vms):
         err = await qmp_error(vm, "migrate-set-capabilities",
                               capabilities=[{"capability": "return-path", "state": False}])
         assert str(err) == "Capability 'switchover-ack' requires capability 'return-path'"
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_global_switchover_ack_and_return_path_on_the_command_line(vms):
+def test_global_switchover_ack_and_return_path_on_the_command_line(inproc):
     async def body():
         # x-switchover-ack first: -global order does not matter, the check runs once.
-        vm = await vms.start("globals", extra=["-global", "migration.x-switchover-ack=on",
+        vm = await inproc.start("globals", extra=["-global", "migration.x-switchover-ack=on",
                                                "-global", "migration.x-return-path=on"])
         states = {c["capability"]: c["state"] for c in await vm.cmd("query-migrate-capabilities")}
         assert states["switchover-ack"] and states["return-path"]
         assert [name for name, on in states.items() if on] == ["return-path", "switchover-ack"]
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
@@ -203,23 +221,23 @@ def test_quit_exits_zero_with_a_shutdown_event(vms):
 
 
 @pytest.mark.timeout(30)
-def test_migrate_while_waiting_for_incoming_is_refused(vms):
+def test_migrate_while_waiting_for_incoming_is_refused(inproc):
     async def body():
-        vm = await vms.start("waiting", incoming="defer")
+        vm = await inproc.start("waiting", incoming="defer")
         err = await qmp_error(vm, "migrate", uri="tcp:127.0.0.1:1")
         assert str(err) == "Guest is waiting for an incoming migration"
         assert await vm.cmd("query-migrate") == {}
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_migrate_incoming_needs_incoming_on_the_command_line(vms):
+def test_migrate_incoming_needs_incoming_on_the_command_line(inproc):
     async def body():
-        vm = await vms.start("notincoming")
+        vm = await inproc.start("notincoming")
         err = await qmp_error(vm, "migrate-incoming", uri="tcp:127.0.0.1:0")
         assert str(err) == "'-incoming' was not specified on the command line"
         assert await vm.cmd("query-migrate") == {}
-    run_with(vms, body)
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
@@ -237,21 +255,22 @@ def test_second_migrate_incoming_is_refused(vms):
 
 
 @pytest.mark.timeout(30)
-def test_migrate_with_unknown_protocol(vms):
+def test_migrate_with_unknown_protocol(inproc):
     async def body():
-        vm = await vms.start("proto")
+        vm = await inproc.start("proto")
+        assert await runstate(vm) == "prelaunch"     # in process: the guest never starts
         err = await qmp_error(vm, "migrate", uri="bogus:somewhere")
         assert (err.error_class, str(err)) == ("GenericError",
                                                "unknown migration protocol: bogus:somewhere")
         assert await vm.cmd("query-migrate") == {}
-        assert await runstate(vm) == "running"
-    run_with(vms, body)
+        assert await runstate(vm) == "prelaunch"     # a refused migrate changes nothing
+    run_with(inproc, body)
 
 
 @pytest.mark.timeout(30)
-def test_migrate_continue_in_the_wrong_state(vms):
+def test_migrate_continue_in_the_wrong_state(inproc):
     async def body():
-        vm = await vms.start("cont")
+        vm = await inproc.start("cont")
         err = await qmp_error(vm, "migrate-continue", state="pre-switchover")
         assert str(err) == "Migration not in expected state: none"
-    run_with(vms, body)
+    run_with(inproc, body)

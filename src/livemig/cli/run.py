@@ -91,19 +91,29 @@ class VmProcess:
         print(f"{PROG}: {desc}", file=sys.stderr, flush=True)
         self.request_quit("host-error", status=1)
 
-    async def main(self) -> int:
+    async def listen(self) -> asyncio.Event:
+        """Adopt the running loop and bind every ``-qmp`` socket (with ``wait=on``,
+        until its first client); returns the event a quit sets. :meth:`main` adds
+        signals, the guest or the incoming migration, and the wait; the in-process
+        QMP tests (``tests/qmp_inprocess.py``) use this alone."""
         self.loop = asyncio.get_running_loop()
-        self._quit = asyncio.Event()
-        for sig, reason in ((signal.SIGTERM, "host-signal"), (signal.SIGINT, "host-signal"),
-                            (signal.SIGHUP, "host-signal")):
-            self.loop.add_signal_handler(sig, self.request_quit, reason)
+        self._quit = quit_event = asyncio.Event()
         for spec in self.opts.qmp:
             await self.server.start(spec)
+        return quit_event
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        # Their callbacks run on the loop, so not before listen() has set self.loop.
+        for sig, reason in ((signal.SIGTERM, "host-signal"), (signal.SIGINT, "host-signal"),
+                            (signal.SIGHUP, "host-signal")):
+            loop.add_signal_handler(sig, self.request_quit, reason)
+        quit_event = await self.listen()
         if self.opts.incoming not in (None, "defer"):
             self.incoming.start(parse_uri(self.opts.incoming))
         elif self.opts.incoming is None and not self.opts.start_paused:
             self.machine.vm_start()
-        await self._quit.wait()
+        await quit_event.wait()
         self.source.cancel()
         try:
             await asyncio.wait_for(self.server.wait_closed(), 5)
