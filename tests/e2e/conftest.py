@@ -25,7 +25,9 @@ from e2e_helpers import (  # noqa: F401 - re-exported for the tests
     events_enabled,
     find_event,
     runstate,
+    wait_blocked_in_send,
     wait_event,
+    wait_exited,
     wait_guest_runs,
     wait_migration_status,
     wait_runstate,
@@ -44,6 +46,15 @@ PREPARE_MS = 400
 # (ACCEL_FAST: 100 ms, for tests that do not measure the preparation).
 ACCEL = f"accel,id=acc0,size=8M,init-size=1M,prepare-ms={PREPARE_MS}"
 ACCEL_FAST = "accel,id=acc0,size=8M,init-size=1M,prepare-ms=100,dirty-rate=50"
+# A source guest paced far below any link here: 2500 pages/s (10 MB/s) over a
+# 3 MiB walk (1M..4M). A free-running walk re-dirties its whole 15 MiB every
+# few ms, so a live migration of it completes only while the link moves 15 MiB
+# within the downtime limit: a race the machine's load can lose. With the paced
+# guest each pass leaves fewer dirty pages than the last (dirty rate << link
+# rate) and the 3 MiB fit the downtime budget of any link above 10 MB/s, so
+# completion is certain; the guest still runs and dirties pages throughout.
+PACED_WALK = 2500
+PACED_WALK_END = "4M"
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -171,13 +182,17 @@ async def vm_walk_problems(vm: Vm) -> list[str]:
 async def start_pair(vms: Launcher, *, src_caps: dict[str, bool] | None = None,
                      dst_caps: dict[str, bool] | None = None,
                      devices: tuple[str, ...] = (ACCEL_FAST,), dst_paused: bool = True,
-                     dst_ram: str = RAM, dst_name: str = "dst") -> tuple[Vm, Vm]:
+                     dst_ram: str = RAM, dst_name: str = "dst",
+                     paced: bool = True) -> tuple[Vm, Vm]:
     """A running source and a ``-incoming defer`` destination (``-S`` unless told),
     capabilities set on each (``dst_caps`` defaults to ``src_caps``), bandwidth
-    unlimited, and the source guest walking."""
-    src = await vms.start("src", devices=list(devices))
+    unlimited, and the source guest walking: paced (``PACED_WALK``, so a live
+    migration surely converges) unless ``paced=False`` (the free-running 15 MiB
+    walk, for tests that need the data, not the completion)."""
+    walk = {"walk_rate": PACED_WALK, "walk_end": PACED_WALK_END} if paced else {}
+    src = await vms.start("src", devices=list(devices), **walk)
     dst = await vms.start(dst_name, devices=list(devices), incoming="defer",
-                          paused=dst_paused, ram=dst_ram)
+                          paused=dst_paused, ram=dst_ram, **walk)   # the same guest program
     if src_caps:
         await src.set_caps(**src_caps)
     dst_caps = src_caps if dst_caps is None else dst_caps

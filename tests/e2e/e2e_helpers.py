@@ -13,6 +13,8 @@ poll, always with a deadline.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 
@@ -183,3 +185,53 @@ def walk_problems_of(mem: bytes, walk_end: str = WALK_END) -> list[str]:
 
 async def accel_digest(vm: Vm, dev: str = "acc0") -> str:
     return (await vm.cmd("x-accel-digest", id=dev))["sha256"]
+
+
+# -- process and thread states (no event exists: read from /proc, with a deadline) ----------
+
+# x86_64 system calls that write to a socket: write, writev, sendto, sendmsg.
+SEND_SYSCALLS = {1, 20, 44, 46}
+
+
+def threads_sleeping_in_send(pid: int, comm: str) -> list[bool]:
+    """For each thread of ``pid`` named ``comm`` (livemig's threads carry their
+    names into the kernel: ``live_migration``, ``vcpu0``...): whether it sleeps
+    (state S) inside a socket write (``/proc/PID/task/TID/syscall``). A blocking
+    socket write sleeps only while the socket buffer is full."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/comm") as f:
+                if f.read().strip() != comm:
+                    continue
+            with open(f"{base}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+            with open(f"{base}/syscall") as f:
+                nr = f.read().split()[0]
+        except (OSError, IndexError):
+            continue            # the thread ended while we looked
+        out.append(state == "S" and nr.isdigit() and int(nr) in SEND_SYSCALLS)
+    return out
+
+
+async def wait_blocked_in_send(vm: Vm, timeout: float = 15.0,
+                               thread: str = "live_migration") -> None:
+    """The source's migration thread sleeps in a socket write, waiting for room
+    the peer (stopped, or behind a dead link) does not make: from then on nothing
+    more goes out until the peer reads again or the connection ends."""
+    async def blocked() -> bool:
+        return any(threads_sleeping_in_send(vm.proc.pid, thread))
+    await wait_until(blocked, timeout, f"{vm.spec.name}: {thread} blocked in send")
+
+
+async def wait_exited(vm: Vm, timeout: float = 15.0) -> int:
+    """Block (in a thread: ``Popen.wait``) until the VM process exited; its status."""
+    try:
+        return await asyncio.to_thread(vm.proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{vm.spec.name}: still running after {timeout} s") from None

@@ -44,8 +44,9 @@ from fault_helpers import (
     start_incoming,
     wait_status,
     wait_terminal,
+    wait_blocked_in_send,
+    wait_exited,
     wait_transferred,
-    wait_until,
 )
 
 from livemig.wire import MigCmd, encode_shut, encode_x_error
@@ -208,8 +209,7 @@ def test_destination_exit_on_error_default(fleet):
         digest = await accel_digest(src)
         dst = await fleet.destination(caps=RP, ram="128M")
         await src.cmd("migrate", uri=await start_incoming(dst, exit_on_error=None))
-        await wait_until(_exited(dst), 15, "destination exit")
-        assert dst.proc.returncode == 1
+        assert await wait_exited(dst, 15) == 1
         err = dst.stderr_text()
         assert re.search(r"^livemig: load of migration failed: Size mismatch: pc\.ram: "
                          r"0x4000000 != 0x8000000", err, re.M), err
@@ -217,12 +217,6 @@ def test_destination_exit_on_error_default(fleet):
         await assert_source_survived(fleet, src, status="failed", cause="Size mismatch",
                                      digest=digest, caps=RP)
     run_with(fleet, body)
-
-
-def _exited(vm):
-    async def check() -> bool:
-        return vm.proc.poll() is not None
-    return check
 
 
 # -- the link breaks ---------------------------------------------------------------------------
@@ -274,8 +268,9 @@ def test_frozen_destination_cancel(fleet):
         try:
             await src.cmd("migrate", uri=uri)
             await wait_status(src, "active")
-            # the stream stalls: socket buffers full, nothing more goes out
-            await wait_until(_stalled(src), 15, "the stream to stall")
+            # the stream stalls: socket buffers full, the migration thread waits
+            # in send() for room that a frozen peer never makes
+            await wait_blocked_in_send(src, 15)
             await src.cmd("migrate_cancel")
             await wait_status(src, "cancelled", timeout=5)
         finally:
@@ -284,19 +279,6 @@ def test_frozen_destination_cancel(fleet):
                                      digest=digest, caps=RP)
         await assert_destination_failed(dst, r"Truncated migration stream|Unable to read")
     run_with(fleet, body)
-
-
-def _stalled(vm):
-    last: list[int] = []
-
-    async def check() -> bool:
-        import asyncio
-        a = (await vm.cmd("query-migrate"))["ram"]["transferred"]
-        await asyncio.sleep(0.3)
-        b = (await vm.cmd("query-migrate"))["ram"]["transferred"]
-        last[:] = [a, b]
-        return a == b
-    return check
 
 
 # -- hostile and silent return paths (a destination written in Python) --------------------------

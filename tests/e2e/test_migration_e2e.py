@@ -18,6 +18,8 @@ import pytest
 from conftest import (
     ACCEL,
     ACCEL_FAST,
+    PACED_WALK,
+    PACED_WALK_END,
     PREPARE_MS,
     assert_same_guest,
     event_time,
@@ -31,6 +33,7 @@ from conftest import (
     start_incoming,
     start_pair,
     vm_walk_problems,
+    wait_blocked_in_send,
     wait_completed,
     wait_event,
     wait_guest_runs,
@@ -43,10 +46,6 @@ ACK = {"return-path": True, "switchover-ack": True}
 EVENTS = {**ACK, "events": True}
 PAUSE = {**EVENTS, "pause-before-switchover": True}
 SLOW = 32 << 20      # bytes/s: a source that cannot outrun the destination
-# A guest that dirties far below any link here (1000 pages/s = 4 MB/s over a
-# 3 MiB walk): a live migration of it converges whatever the machine's load.
-PACED_WALK = 1000
-PACED_WALK_END = "4M"
 CAP_SETS = {"none": {}, "return-path": RP, "switchover-ack": ACK, "events": EVENTS,
             "pause-before-switchover": PAUSE}
 
@@ -139,7 +138,9 @@ def test_non_live_migration_keeps_the_guest_paused(vms):
     """QEMU's non-live precopy: the source is stopped first; its run state is
     carried over, so the destination (without -S) ends paused, no RESUME."""
     async def body():
-        src, dst = await start_pair(vms, src_caps={**RP, "events": True}, dst_paused=False)
+        # Stopped before the migration: it completes in one pass, paced or not.
+        src, dst = await start_pair(vms, src_caps={**RP, "events": True}, dst_paused=False,
+                                    paced=False)
         await src.cmd("stop")
         await src.cmd("migrate", uri=await start_incoming(dst))
         assert (await wait_completed(src))["status"] == "completed"
@@ -158,7 +159,7 @@ def test_non_live_migration_keeps_the_guest_paused(vms):
 @pytest.mark.timeout(40)
 def test_non_live_migration_counts_ram_as_downtime_bytes(vms):
     async def body():
-        src, dst = await start_pair(vms, devices=())
+        src, dst = await start_pair(vms, devices=(), paced=False)   # 15 MiB walked, stopped
         await src.cmd("stop")
         await src.cmd("migrate", uri=await start_incoming(dst))
         info = await wait_completed(src)
@@ -194,9 +195,8 @@ def test_exec_migration_through_gzip(vms, tmp_path):
         path = tmp_path / "vm.mig.gz"
         # gzip under load can be slower than a free-running walk dirties its
         # 15 MiB: completion would depend on winning that race. The guest is
-        # paced at PACED_WALK pages/s (far below any gzip throughput), so every
-        # pass leaves fewer dirty pages than the last and the migration converges
-        # whatever the load; the guest still runs (and dirties) during it.
+        # paced (conftest.PACED_WALK, far below gzip's throughput), so the
+        # migration converges whatever the load; the guest still runs during it.
         src = await vms.start("src", devices=[ACCEL_FAST], walk_end=PACED_WALK_END,
                               walk_rate=PACED_WALK)
         await src.set_params(max_bandwidth=0)
@@ -216,7 +216,9 @@ def test_exec_migration_through_gzip(vms, tmp_path):
 def test_file_migration_then_incoming_from_the_file(vms, tmp_path):
     async def body():
         path = tmp_path / "vm.mig"
-        src = await vms.start("src", devices=[ACCEL_FAST])
+        # Paced (so it converges whatever the disk does), over the whole 15 MiB
+        # walk (the file must hold more than 16 MiB of data).
+        src = await vms.start("src", devices=[ACCEL_FAST], walk_rate=PACED_WALK)
         await src.set_params(max_bandwidth=0)
         await wait_walking(src)
         await src.cmd("migrate", uri=f"file:{path}")
@@ -385,7 +387,8 @@ def test_destination_failure_while_the_source_is_blocked(vms):
     forever on a full TCP window (it did while the destination leaked its
     return-path descriptor), and the guest runs on."""
     async def body():
-        src, dst = await start_pair(vms, src_caps=RP, dst_ram="128M", devices=())
+        # The free-running 15 MiB walk: more data than the socket buffers hold.
+        src, dst = await start_pair(vms, src_caps=RP, dst_ram="128M", devices=(), paced=False)
         uri = await start_incoming(dst)
         os.kill(dst.proc.pid, signal.SIGSTOP)
         try:
@@ -395,7 +398,7 @@ def test_destination_failure_while_the_source_is_blocked(vms):
                 ram = (await src.cmd("query-migrate")).get("ram", {})
                 return ram.get("transferred", 0) > 4 << 20
             await wait_until(blocked, 10, "the source to fill the socket")
-            await asyncio.sleep(0.2)
+            await wait_blocked_in_send(src, 10)   # ... and now it waits in a write
         finally:
             os.kill(dst.proc.pid, signal.SIGCONT)
         assert (await wait_completed(dst))["status"] == "failed"
