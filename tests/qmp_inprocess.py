@@ -114,20 +114,21 @@ class VmOnThread:
         await asyncio.get_running_loop().shutdown_default_executor()  # blocking commands
 
 
+def run_argv(vm: Vm) -> list[str]:
+    """The arguments ``vm`` gives ``livemig run`` (what :class:`VmOnThread` takes)."""
+    argv = vm.argv()
+    return argv[argv.index("run") + 1:]
+
+
 class InProcessVm(Vm):
     """:class:`livemig.cli.driver.Vm` on a :class:`VmOnThread`: same argv, same client."""
 
     host: VmOnThread | None = None
 
-    def run_argv(self) -> list[str]:
-        """The arguments ``Vm`` gives ``livemig run``."""
-        argv = self.argv()
-        return argv[argv.index("run") + 1:]
-
     @classmethod
     async def start(cls, spec: VmSpec, workdir: str, timeout: float = START_TIMEOUT_S) -> Vm:
         vm = cls(spec, workdir)
-        vm.host = await asyncio.to_thread(VmOnThread, vm.run_argv())
+        vm.host = await asyncio.to_thread(VmOnThread, run_argv(vm))
         try:
             await asyncio.wait_for(vm.qmp.connect(vm.qmp_path), timeout)
         except BaseException:

@@ -1,10 +1,16 @@
-"""QMP hardening, end to end, on a real ``livemig run`` process.
+"""QMP hardening, on a real ``livemig run`` process or its QMP side in process.
 
 Malformed, oversized and deeply nested JSON, wrong types and unknown
 arguments each get an error reply and the server keeps serving (the same
 connection, other connections, the guest); nothing prints a traceback. The
 QMP UNIX socket is created 0600 whatever the umask. ``validate-uuid`` works
 as QEMU's (``/migration/validate_uuid*`` qtests).
+
+Tests that check only QMP (the socket, vanishing clients, fuzzed arguments)
+run the real VM's QMP side in this process (``tests/qmp_inprocess.py``,
+fixture ``inproc``; the guest never starts, so the VM is in ``prelaunch``).
+Those that need a process (its RSS, its exit status and stderr), a running
+guest or a migration start ``livemig run`` (fixture ``fleet``).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from fault_helpers import (
@@ -46,6 +54,10 @@ from livemig.cli.driver import Vm, VmSpec
 from livemig.qapi.capabilities import CAPABILITIES
 from livemig.qapi.parameters import DEFAULTS as PARAMETER_DEFAULTS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for qmp_inprocess
+from qmp_inprocess import RAM as INPROCESS_RAM  # noqa: E402
+from qmp_inprocess import VmOnThread, inprocess_fleet, run_argv  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
 UUID_A = "11111111-2222-3333-4444-555555555555"
@@ -57,31 +69,37 @@ def fleet(tmp_path):
     yield from fleet_for(tmp_path)
 
 
+@pytest.fixture
+def inproc(tmp_path):
+    yield from inprocess_fleet(tmp_path)
+
+
 def is_error(reply: dict, desc: str | None = None, error_class: str = "GenericError") -> bool:
     err = reply.get("error")
     return (err is not None and err["class"] == error_class
             and (desc is None or re.fullmatch(desc, err["desc"]) is not None))
 
 
-async def still_serving(qmp: RawQmp) -> None:
+async def still_serving(qmp: RawQmp, status: str = "running") -> None:
+    """The connection answers, and the run state is ``status`` (``prelaunch`` in process)."""
     reply = await qmp.execute("query-status")
-    assert reply["return"]["status"] == "running", reply
+    assert reply["return"]["status"] == status, reply
 
 
 # -- the socket ------------------------------------------------------------------------------------
 
-def test_qmp_socket_is_0600_even_with_umask_0(fleet):
+def test_qmp_socket_is_0600_even_with_umask_0(inproc):
     async def body():
         old = os.umask(0)
         try:
-            vm = await fleet.start("perm")
+            vm = await inproc.start("perm")
         finally:
             os.umask(old)
         st_ = os.lstat(vm.qmp_path)
         assert stat.S_ISSOCK(st_.st_mode)
         assert stat.S_IMODE(st_.st_mode) == 0o600, oct(st_.st_mode)
         assert st_.st_uid == os.geteuid()
-    run_with(fleet, body)
+    run_with(inproc, body)
 
 
 # -- malformed input ---------------------------------------------------------------------------
@@ -197,19 +215,19 @@ def test_a_client_that_never_reads_does_not_block_others(fleet):
     run_with(fleet, body)
 
 
-def test_client_vanishing_mid_request(fleet):
+def test_client_vanishing_mid_request(inproc):
     async def body():
-        vm = await fleet.source(devices=())
+        vm = await inproc.start("src")
         for chunk in (b'{"execute": "query-st', b'{"execute": "migrate", "arguments": {"uri"'):
             qmp = await RawQmp.connect(vm.qmp_path)
             await qmp.send(chunk)
             await qmp.close()
         qmp = await RawQmp.connect(vm.qmp_path)
-        await still_serving(qmp)
+        await still_serving(qmp, "prelaunch")
         await qmp.close()
         assert (await vm.cmd("query-migrate")) == {}
         assert_no_traceback(vm)
-    run_with(fleet, body)
+    run_with(inproc, body)
 
 
 # -- wrong types and unknown arguments -----------------------------------------------------------
@@ -325,24 +343,19 @@ class QmpSync:
 
 @pytest.fixture(scope="module")
 def fuzz_vm(tmp_path_factory):
-    """One VM for every hypothesis example (started and killed by PID here)."""
+    """One in-process VM for every hypothesis example (its socket listens on return)."""
     workdir = str(tmp_path_factory.mktemp("qmpfuzz"))
-    vm = Vm(VmSpec(name="fuzz", ram="64M", accel="soft", walk_end="16M", devices=[ACCEL]),
-            workdir)
-    with open(vm.stderr_path, "wb") as err:
-        vm.proc = subprocess.Popen(vm.argv(), stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 20
-    while True:
+    paths = Vm(VmSpec(name="fuzz", ram=INPROCESS_RAM, accel="soft", walk_end="16M",
+                      devices=[ACCEL]), workdir)
+    vm = VmOnThread(run_argv(paths))
+    try:
+        client = QmpSync(paths.qmp_path)
         try:
-            client = QmpSync(vm.qmp_path)
-            break
-        except OSError:
-            assert vm.proc.poll() is None and time.monotonic() < deadline, vm.stderr_text()
-            time.sleep(0.02)
-    yield vm, client
-    client.close()
-    vm.kill()
+            yield vm, client
+        finally:
+            client.close()
+    finally:
+        vm.close()
 
 
 def no_transport_words(value) -> bool:
@@ -393,8 +406,8 @@ def test_fuzzed_arguments_get_a_reply_never_a_crash(fuzz_vm, request_):
         assert not re.match(r"^[A-Z]\w+(Error|Exception): ", err["desc"]), reply
     else:
         assert "return" in reply, reply
-    assert vm.proc.poll() is None
-    assert TRACEBACK not in vm.stderr_text()
+    assert vm.alive
+    assert TRACEBACK not in vm.log_text()
 
 
 # -- validate-uuid --------------------------------------------------------------------------------
