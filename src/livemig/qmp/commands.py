@@ -10,22 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 from livemig.machine.runstate import RunState
 from livemig.migration.status import MigrationStatus
-from livemig.qapi.parameters import DEFAULTS as PARAMETER_DEFAULTS
+from livemig.qapi.capabilities import MIGRATE_SET_CAPABILITIES_ARGS
+from livemig.qapi.errors import (
+    DEVICE_NOT_FOUND,
+    INCOMING_ALREADY_STARTED,
+    INCOMING_NOT_SPECIFIED,
+    MIGRATION_IN_PROGRESS,
+)
+from livemig.qapi.parameters import MIGRATE_SET_PARAMETERS
 from livemig.qmp.errors import QMPError
 from livemig.qmp.registry import ArgSpec, CommandRegistry
-from livemig.transport import (
-    InetAddress,
-    TransportError,
-    UnixAddress,
-    address_from_channels,
-    parse_uri,
-    resolve_migrate_args,
-)
+from livemig.transport import TransportError, resolve_migrate_args
 
 if TYPE_CHECKING:
     from livemig.cli.run import VmProcess
 
-DEVICE_NOT_FOUND = "DeviceNotFound"
 _CHANNELS = ArgSpec("list", items="dict")
 
 
@@ -73,21 +72,22 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     def query_caps(args: dict) -> list:
         return vm.caps.as_qmp_list()
 
-    @reg.register("migrate-set-capabilities", args={"capabilities": ArgSpec("list")})
+    @reg.register("migrate-set-capabilities", args=MIGRATE_SET_CAPABILITIES_ARGS)
     def set_caps(args: dict) -> None:
+        # migrate_caps_check reads the current parameters (zero-copy-send's rule).
         vm.caps.set_from_qmp(args["capabilities"],
                              migration_running=vm.source.is_running(),
-                             incoming_started=vm.incoming.started)
+                             incoming_started=vm.incoming.started,
+                             params=vm.params.as_qmp())
 
     @reg.register("query-migrate-parameters")
     def query_params(args: dict) -> dict:
         return vm.params.as_qmp()
 
-    @reg.register("migrate-set-parameters",
-                  args={f"*{name}": "any" for name in
-                        [*PARAMETER_DEFAULTS, "block-bitmap-mapping"]})
+    @reg.register("migrate-set-parameters", args=MIGRATE_SET_PARAMETERS)
     def set_params(args: dict) -> None:
-        vm.params.set_from_qmp(args)
+        # migrate_params_check reads the current capabilities (zero-copy-send, mapped-ram).
+        vm.params.set_from_qmp(args, caps=vm.caps.as_dict())
         if "max-bandwidth" in args:
             vm.source.apply_max_bandwidth()
 
@@ -104,13 +104,12 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
         if args.get("resume"):
             raise QMPError("Cannot resume if there is no paused migration")
         try:
-            address = resolve_migrate_args(args.get("uri"), args.get("channels"))
+            address = resolve_migrate_args(args.get("uri"), args.get("channels"),
+                                           multifd=vm.caps.multifd)
         except TransportError as exc:
             raise QMPError(exc.desc) from None
-        if vm.caps.get("multifd") and not isinstance(address, (InetAddress, UnixAddress)):
-            raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
         if vm.source.is_running():
-            raise QMPError("There's a migration process in progress")
+            raise QMPError(MIGRATION_IN_PROGRESS)
         if machine.runstate is RunState.INMIGRATE:
             raise QMPError("Guest is waiting for an incoming migration")
         if machine.runstate is RunState.POSTMIGRATE:
@@ -121,16 +120,13 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
                                             "*exit-on-error": "bool"})
     def migrate_incoming(args: dict) -> None:
         if vm.incoming.started:
-            raise QMPError("The incoming migration has already been started")
+            raise QMPError(INCOMING_ALREADY_STARTED)
         if machine.runstate is not RunState.INMIGRATE:
-            raise QMPError("'-incoming' was not specified on the command line")
+            raise QMPError(INCOMING_NOT_SPECIFIED)
         try:
-            uri, channels = args.get("uri"), args.get("channels")
-            if uri and channels or not uri and not channels:
-                raise TransportError("need either 'uri' or 'channels' argument")
-            address = parse_uri(uri) if uri else address_from_channels(channels, incoming=True)
-            if vm.caps.get("multifd") and not isinstance(address, (InetAddress, UnixAddress)):
-                raise TransportError("Migration requires multi-channel URIs (e.g. tcp)")
+            # The same resolution as migrate's (qemu_start_incoming_migration).
+            address = resolve_migrate_args(args.get("uri"), args.get("channels"),
+                                           incoming=True, multifd=vm.caps.multifd)
             vm.incoming.start(address, exit_on_error=args.get("exit-on-error", True))
         except TransportError as exc:
             raise QMPError(exc.desc) from None
