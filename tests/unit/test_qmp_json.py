@@ -6,6 +6,8 @@ Expected texts and bytes are QEMU 10.0's (qobject/json-*.c).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -75,3 +77,13 @@ def test_json_round_trip_in_any_chunking(value: Any, cuts: list[int]) -> None:
         previous = cut
     assert got == [([value], None)]
     assert json.loads(wire) == [value]
+
+
+def test_codec_is_sans_io() -> None:
+    """Importing the codec pulls in neither asyncio nor sockets (nor the QMP server)."""
+    code = ("import sys, livemig.qmp.qjson; "
+            "print(sorted(m for m in ('asyncio', 'socket', 'livemig.qmp.server') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -10,10 +10,10 @@ What is QEMU's here, and why it lives in this module:
 
 * message boundaries and error texts of ``qobject/json-lexer.c``,
   ``json-streamer.c`` and ``json-parser.c`` (``JSON parse error, ...``,
-  ``JSON token size limit exceeded``, ...). The texts are defined here:
-  only this parser produces them, and keeping them beside the code that
-  raises them keeps the module free of the QMP layer (``qmp/errors.py``
-  keeps the dispatcher's and the commands' texts).
+  ``JSON token size limit exceeded``, ...). The texts themselves come from
+  ``livemig.qapi.errors``, the one table of QEMU's texts (pure data, a
+  layer below ``livemig.qmp``), so the module needs nothing of the QMP
+  layer and no text is written twice.
 * the output format of ``qobject/json-writer.c`` (spacing, ``\\uXXXX`` in
   upper case, ``%.17g`` floats) and QDict's key order
   (:func:`qdict_order`). It stays: it is what makes our bytes equal QEMU's
@@ -32,12 +32,13 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-# qobject/json-parser.c and qobject/json-streamer.c
-JSON_PARSE_ERROR: Final = "JSON parse error, %s"
-JSON_STRAY: Final = "JSON parse error, stray '%s'"
-JSON_TOKEN_SIZE_LIMIT: Final = "JSON token size limit exceeded"
-JSON_TOKEN_COUNT_LIMIT: Final = "JSON token count limit exceeded"
-JSON_NESTING_LIMIT: Final = "JSON nesting depth limit exceeded"
+from livemig.qapi.errors import (
+    JSON_NESTING_LIMIT,
+    JSON_PARSE_ERROR,
+    JSON_STRAY,
+    JSON_TOKEN_COUNT_LIMIT,
+    JSON_TOKEN_SIZE_LIMIT,
+)
 
 # ---------------------------------------------------------------------------
 # JSON output: QEMU's key order and string escaping
