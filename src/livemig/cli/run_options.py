@@ -8,10 +8,14 @@ line the process prints before exiting non-zero.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from livemig.machine.accel_device import AccelDeviceConfig
-from livemig.machine.guest import MIB, GuestConfig, parse_size
+from livemig.machine.guest import MIB, GuestConfig
+from livemig.qapi.errors import INVALID_PARAMETER, QapiError
+from livemig.qapi.opts import Opts, format_opt_value
+from livemig.qapi.string_input import UINT64_MAX, parse_option_size
 
 
 class OptionError(Exception):
@@ -33,6 +37,10 @@ class RunOptions:
     serial: str | None = None
     mem_prealloc: bool = False          # -mem-prealloc: fault all guest RAM in at start
 
+
+# qemu_global_option()'s fast path: sscanf("%63[^.=].%63[^=]%n") then '='.
+_GLOBAL_SHORT = re.compile(r"([^.=]{1,63})\.([^=]{1,63})=")
+_GLOBAL_KEYS = ("driver", "property", "value")
 
 # option -> takes a value?
 _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
@@ -71,34 +79,51 @@ def parse_run_args(argv: list[str]) -> RunOptions:
 
 def _apply(opts: RunOptions, name: str, value: str | None) -> None:
     assert value is not None or not _OPTIONS[name]
+    try:
+        _apply_value(opts, name, value)
+    except QapiError as exc:
+        raise OptionError(f"-{name} {value}: {exc.desc}") from None
+
+
+def _ram_size(value: str) -> int:
+    """``-m [size=]N[unit]`` as QEMU's parse_memory_options: a bare number is MiB."""
+    text = Opts.parse(value, "size").get("size") or ""
+    size = parse_option_size("size", text)
+    if text[-1:].isdigit():  # "Fix up legacy suffix-less format"
+        size *= MIB
+        if size > UINT64_MAX:
+            raise QapiError("too large 'size' option value")
+    return size
+
+
+def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
     if name == "m":
-        v = value.split(",")[0].removeprefix("size=")  # type: ignore[union-attr]
-        try:
-            size = parse_size(v, default_unit="m")
-        except ValueError:
-            raise OptionError(f"-m {value}: Parameter 'size' expects a non-negative number "
-                              "below 2^64") from None
+        assert value is not None
+        size = _ram_size(value)
         if size < MIB or size % 4096:
             raise OptionError(f"-m {value}: RAM size must be at least 1M and page aligned")
         opts.ram_size = size
     elif name == "accel":
-        accel = value.split(",")[0]  # type: ignore[union-attr]
+        assert value is not None
+        accel = Opts.parse(value, "accel").get("accel") or ""
         if accel not in ("soft", "kvm", "auto", "tcg"):
             raise OptionError(f"-accel {value}: invalid accelerator {accel}")
         opts.accel = "soft" if accel == "tcg" else accel
     elif name in ("machine", "M"):
-        for item in value.split(","):  # type: ignore[union-attr]
-            if item.startswith("accel="):
-                _apply(opts, "accel", item[len("accel="):])
+        assert value is not None
+        machine_accel = Opts.parse(value, "type").get("accel")
+        if machine_accel is not None:
+            _apply(opts, "accel", format_opt_value(machine_accel))
     elif name == "qmp":
-        opts.qmp.append(value)  # type: ignore[arg-type]
+        assert value is not None
+        opts.qmp.append(value)
     elif name == "incoming":
         opts.incoming = value
     elif name == "S":
         opts.start_paused = True
     elif name == "name":
-        first = value.split(",")[0]  # type: ignore[union-attr]
-        opts.name = first.removeprefix("guest=")
+        assert value is not None
+        opts.name = Opts.parse(value, "guest").get("guest")
     elif name == "uuid":
         import uuid
         try:
@@ -107,28 +132,30 @@ def _apply(opts: RunOptions, name: str, value: str | None) -> None:
             raise OptionError(f"-uuid {value}: Fail to parse UUID string") from None
         opts.uuid = value
     elif name == "global":
-        drv_prop, sep, val = value.partition("=")  # type: ignore[union-attr]
-        driver, dot, prop = drv_prop.partition(".")
-        if not sep or not dot or not driver or not prop:
-            raise OptionError(f"-global {value}: Invalid format (expected driver.property=value)")
-        opts.globals.append((driver, prop, val))
+        assert value is not None
+        opts.globals.append(_parse_global(value))
     elif name == "guest":
+        assert value is not None
         try:
-            opts.guest = GuestConfig.parse_walk(value)  # type: ignore[arg-type]
+            opts.guest = GuestConfig.parse_walk(value)
         except ValueError as exc:
             raise OptionError(f"-guest {value}: {exc}") from None
     elif name == "drive":
-        opts.guest = _parse_drive(value)  # type: ignore[arg-type]
+        assert value is not None
+        opts.guest = _parse_drive(value)
     elif name == "device":
+        assert value is not None
         try:
-            opts.devices.append(AccelDeviceConfig.parse(value))  # type: ignore[arg-type]
+            opts.devices.append(_parse_device(value))
         except ValueError as exc:
             raise OptionError(f"-device {value}: {exc}") from None
     elif name == "serial":
+        # A chardev spec, not QemuOpts: QEMU takes "file:PATH" verbatim (no ',,').
+        assert value is not None
         if value == "none":
             opts.serial = None
-        elif value.startswith("file:"):  # type: ignore[union-attr]
-            opts.serial = value[len("file:"):]  # type: ignore[index]
+        elif value.startswith("file:"):
+            opts.serial = value[len("file:"):]
         else:
             raise OptionError(f"-serial {value}: only file:PATH and none are supported")
     elif name == "mem-prealloc":
@@ -136,12 +163,43 @@ def _apply(opts: RunOptions, name: str, value: str | None) -> None:
     # -display, -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do.
 
 
+def _parse_global(value: str) -> tuple[str, str, str]:
+    """``driver.prop=value`` (value verbatim), else ``driver=,property=,value=`` QemuOpts."""
+    m = _GLOBAL_SHORT.match(value)
+    if m is not None:
+        return m.group(1), m.group(2), value[m.end():]
+    opts = Opts.parse(value)
+    opts.check(_GLOBAL_KEYS)
+    driver, prop, val = opts.get("driver"), opts.get("property"), opts.get("value")
+    if driver is None or prop is None or val is None:
+        raise QapiError("options 'driver', 'property', and 'value' are required")
+    return driver, prop, val
+
+
+def _parse_device(spec: str) -> AccelDeviceConfig:
+    """``-device accel,id=...`` through the QemuOpts parser (``driver`` implied).
+
+    AccelDeviceConfig.parse still splits on ',' itself, so the parsed options
+    are handed over re-joined; a value holding a ',' cannot be passed on.
+    """
+    opts = Opts.parse(spec, "driver")
+    driver = opts.get("driver")
+    if driver is None or not opts.pairs or opts.pairs[0][0] != "driver":
+        raise QapiError("Parameter 'driver' is missing")
+    for key, val in opts.pairs[1:]:
+        if "," in val:
+            raise QapiError(f"Property '{driver}.{key}' does not accept ',' in livemig")
+        if key == "driver":
+            raise QapiError(INVALID_PARAMETER % key)
+    return AccelDeviceConfig.parse(",".join([driver, *(f"{k}={v}" for k, v in opts.pairs[1:])]))
+
+
 def _parse_drive(spec: str) -> GuestConfig:
-    kv = dict(item.partition("=")[::2] for item in spec.split(","))
-    path = kv.get("file")
+    opts = Opts.parse(spec)
+    path = opts.get("file")
     if not path:
         raise OptionError(f"-drive {spec}: needs file=IMG")
-    if kv.get("format", "raw") != "raw":
+    if opts.get("format", "raw") != "raw":
         raise OptionError(f"-drive {spec}: only format=raw is supported")
     try:
         with open(path, "rb") as f:

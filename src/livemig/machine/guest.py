@@ -8,25 +8,27 @@ page in turn, writing ``B`` every 64 full passes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from livemig.qapi.errors import QapiError
+from livemig.qapi.opts import Opts, parse_option_number
+from livemig.qapi.string_input import qemu_strtosz
 
 MIB = 1024 * 1024
 
 # About what QEMU's KVM guest reaches on these machines (a 100 MiB pass in ~0.09 s).
 DEFAULT_WALK_RATE_PAGES_PER_S = 280_000
 
-_SIZE_RE = re.compile(r"^(\d+)([kKmMgGtT]?)[bB]?$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_size(text: str, *, default_unit: str = "") -> int:
-    """Parse ``512M``, ``2G``, ``4096``; a bare number takes ``default_unit``."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"invalid size '{text}'")
-    unit = (m.group(2) or default_unit).lower()
-    return int(m.group(1)) * _UNITS[unit]
+    """``512M``, ``2G``, ``1.5k``, ``0x1000`` (QEMU's ``qemu_strtosz``, units powers of 1024).
+
+    A bare number takes ``default_unit`` (``"m"``: mebibytes). ValueError
+    when malformed, so callers outside the qapi layer need not know QapiError.
+    """
+    try:
+        return qemu_strtosz(text, default_unit.upper() or "B")
+    except QapiError:
+        raise ValueError(f"invalid size '{text}'") from None
 
 
 @dataclass(frozen=True)
@@ -45,22 +47,25 @@ class GuestConfig:
 
     @classmethod
     def parse_walk(cls, spec: str) -> GuestConfig:
-        """Parse ``walk[,start=1M,end=100M,rate=N]`` (QEMU-style key=value list)."""
-        parts = spec.split(",")
-        if parts[0] != "walk":
-            raise ValueError(f"unknown guest program '{parts[0]}' (only 'walk')")
+        """Parse ``walk[,start=1M,end=100M,rate=N]`` (QemuOpts, ``program`` implied)."""
+        opts = Opts.parse(spec, implied_key="program")
+        program = opts.pairs[0][1] if opts.pairs and opts.pairs[0][0] == "program" else None
+        if program != "walk":
+            first = spec.split(",", 1)[0]
+            raise ValueError(f"unknown guest program '{program or first}' (only 'walk')")
         kw: dict[str, int] = {}
-        for item in parts[1:]:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"guest option '{item}' needs a value")
+        for key, value in opts.pairs[1:]:
             if key in ("start", "end"):
-                kw[key] = parse_size(value, default_unit="")
+                kw[key] = parse_size(value)
             elif key == "rate":
-                kw["rate_pages_per_s"] = int(value)
+                try:
+                    kw["rate_pages_per_s"] = parse_option_number("rate", value)
+                except QapiError as exc:
+                    raise ValueError(exc.desc) from None
             else:
                 raise ValueError(f"unknown guest option '{key}'")
-        cfg = cls(kind="walk", **kw)
+        cfg = cls(kind="walk", start=kw.get("start", cls.start), end=kw.get("end", cls.end),
+                  rate_pages_per_s=kw.get("rate_pages_per_s", cls.rate_pages_per_s))
         cfg.validate()
         return cfg
 
