@@ -206,6 +206,9 @@ async def start_pair(vms: Launcher, *, src_caps: dict[str, bool] | None = None,
 async def assert_same_guest(src: Vm, dst: Vm, devices: bool = True) -> None:
     """Destination (never run, ``-S``) RAM is the stopped source's, byte for byte;
     device state too; and the walk pattern holds on the destination."""
+    # The source enters postmigrate just after its completed status (as QEMU:
+    # migration_iteration_finish), with no event of its own: wait for the state.
+    await wait_runstate(src, "postmigrate")
     assert await runstate(src) == "postmigrate"
     src_mem, dst_mem = await whole_ram(src), await whole_ram(dst)
     assert len(src_mem) == len(dst_mem) == ram_size(src)

@@ -37,6 +37,7 @@ from fault_helpers import (
     fleet_for,
     free_tcp_port,
     incoming_port,
+    let_it_complete,
     migration_trace,
     qmp_error,
     run_with,
@@ -46,6 +47,7 @@ from fault_helpers import (
     wait_terminal,
     wait_blocked_in_send,
     wait_exited,
+    wait_runstate,
     wait_transferred,
 )
 
@@ -509,10 +511,11 @@ def test_second_migrate_while_one_runs(fleet):
             "There's a migration process in progress"
         sent = (await src.cmd("query-migrate"))["ram"]["transferred"]
         await wait_transferred(src, sent + (1 << 20))      # the first one still flows
-        await src.set_params(max_bandwidth=0)
+        await let_it_complete(src)
         assert (await wait_terminal(src))["status"] == "completed"
         assert (await wait_terminal(dst))["status"] == "completed"
         assert (await other.cmd("query-migrate"))["status"] == "setup"   # never touched
+        await wait_runstate(src, "postmigrate")     # entered just after completed
         assert await runstate(src) == "postmigrate"
         await assert_same_guest(src, dst, devices=True)
     run_with(fleet, body)

@@ -37,6 +37,7 @@ from conftest import (
     wait_completed,
     wait_event,
     wait_guest_runs,
+    wait_runstate,
     wait_until,
     wait_walking,
 )
@@ -126,6 +127,7 @@ def test_destination_runs_the_guest(vms, caps, paused):
         assert event_trace(dst) == ["MIGRATION:setup", "MIGRATION:active", "RESUME",
                                     "MIGRATION:completed"]
         assert await dst.cmd("query-status") == {"running": True, "status": "running"}
+        await wait_runstate(src, "postmigrate")     # entered just after completed
         assert await runstate(src) == "postmigrate"
         await wait_guest_runs(dst)
         await dst.cmd("stop")
@@ -223,6 +225,7 @@ def test_file_migration_then_incoming_from_the_file(vms, tmp_path):
         await wait_walking(src)
         await src.cmd("migrate", uri=f"file:{path}")
         assert (await wait_completed(src))["status"] == "completed"
+        await wait_runstate(src, "postmigrate")     # entered just after completed
         assert await runstate(src) == "postmigrate"
         assert path.stat().st_size > 16 << 20
 
