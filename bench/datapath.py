@@ -43,7 +43,7 @@ class FakeMachine:
 def main(ram_mib: int) -> None:
     ram = RamBlock("pc.ram", ram_mib << 20)
     ram.pages[:, 0] = 1
-    h = RamSaveHandler(FakeMachine(ram), on_sync=lambda n: None)
+    h = RamSaveHandler(FakeMachine(ram), on_sync=lambda n: None, gather=False)
     h.bitmap[:] = True
     sink = Sink()
     t0 = time.perf_counter()

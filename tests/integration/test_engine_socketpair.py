@@ -128,7 +128,7 @@ def test_source_waits_for_the_ack_before_stopping():
         stop_t = next(t for t, n, _ in src_ev.log if n == "STOP")
         assert out.times.ack is not None and out.times.ack <= stop_t
         assert stop_t - t0 >= 1.0                 # the preparation happened before switchover
-        assert out.downtime_ms < 1000             # ...and not inside the downtime
+        assert out.stats.downtime_ms < 1000             # ...and not inside the downtime
         assert out.query()["x-switchover-ack"]["acked"] is True
         assert inc.approvals.keys() == {"acc0/accel"}
     finally:
@@ -143,7 +143,7 @@ def test_without_ack_the_preparation_lands_in_the_downtime():
     try:
         run_migration(src, out, inc)
         assert out.status is S.COMPLETED, out.error_desc
-        assert out.downtime_ms >= 300
+        assert out.stats.downtime_ms >= 300
     finally:
         src.close()
         dst.close()

@@ -32,10 +32,9 @@ class _Machine:
 
 
 class _Out:
-    """An OutStream that records the bytes; ``gather`` says whether it takes iovecs."""
+    """An OutStream that records the bytes, iovecs included."""
 
-    def __init__(self, gather: bool) -> None:
-        self.can_gather = gather
+    def __init__(self) -> None:
         self.data = bytearray()
 
     def write(self, data) -> None:
@@ -55,9 +54,9 @@ class _Out:
 
 
 def _send_all(ram: RamBlock, dirty: np.ndarray, gather: bool, batch: int) -> bytes:
-    h = RamSaveHandler(_Machine(ram), on_sync=lambda n: None)
+    h = RamSaveHandler(_Machine(ram), on_sync=lambda n: None, gather=gather)
     h.bitmap[:] = dirty
-    out = _Out(gather)
+    out = _Out()
     while (idx := h._next_dirty(batch)).size:
         h._send_pages(out, idx, downtime=False)
     return bytes(out.data)

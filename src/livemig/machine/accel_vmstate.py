@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from livemig.machine.accel_device import CHUNK_BYTES, AccelDevice
-from livemig.machine.vmstate import LoadContext, OutStream, SaveVMHandlers
+from livemig.machine.vmstate import LoadContext, OutStream, SaveContext, SaveVMHandlers
 from livemig.wire import (
     PayloadKind,
     TaggedData,
@@ -44,6 +44,7 @@ class AccelHandler(SaveVMHandlers):
         self._init_sent = 0
         self.initial_data_sent = False
         self._ctx: LoadContext | None = None
+        self._switchover_ack = False      # source: INIT_DATA_SENT may end the initial data
         self._prepare_thread: threading.Thread | None = None
         self.error: str | None = None
 
@@ -51,7 +52,8 @@ class AccelHandler(SaveVMHandlers):
     def switchover_ack_needed(self) -> bool:
         return self.dev.config.init_size > 0
 
-    def save_setup(self, out: OutStream) -> None:
+    def save_setup(self, out: OutStream, ctx: SaveContext) -> None:
+        self._switchover_ack = ctx.switchover_ack_enabled()
         self._init_sent = 0
         self.initial_data_sent = False
         with self.dev.lock:
@@ -72,7 +74,7 @@ class AccelHandler(SaveVMHandlers):
             self._write(out, KIND_INIT, lo, self.dev.init_data[lo:lo + n])
             self._init_sent += n
             budget -= n
-        if (not self._init_left() and getattr(out, "switchover_ack", False)
+        if (not self._init_left() and self._switchover_ack
                 and not self.initial_data_sent and self.dev.config.init_size):
             # The destination may start preparing now (VFIO's INIT_DATA_SENT).
             self.initial_data_sent = True

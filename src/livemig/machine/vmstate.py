@@ -1,10 +1,13 @@
 """SaveVMHandlers: the one interface between the migration engine and devices.
 
-QEMU's ``include/migration/register.h`` idea in Python. The engine walks
-registered handlers in order; RAM, the vCPU, the serial port and the accel
-device are plugins. Source-side hooks write their section payload to an
-:class:`OutStream`; destination-side hooks receive the wire layer's decoded
-payload events for their section.
+QEMU's ``include/migration/register.h`` idea in Python. The engine's savevm
+layer (``livemig.migration.savevm``) walks the registered handlers in order
+and frames each one's payload as a section; RAM and ``globalstate`` are the
+engine's own, the machine registers its devices (:meth:`Machine.vmstate_handlers`).
+Source-side hooks write their section payload to an :class:`OutStream` and
+learn the migration's settings from a :class:`SaveContext`; destination-side
+hooks receive the wire layer's decoded payload events for their section and
+a :class:`LoadContext`. Everything a handler may use is declared here.
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ class OutStream(Protocol):
         """Bytes the current window may still carry (None: unlimited), so a
         device can size its next batch to the limit instead of overshooting."""
 
+    def write_iovec(self, iov: Any, nbytes: int) -> None:
+        """Queue the memory an iovec array describes (``nbytes`` in all), sent
+        with no copy in user space (QEMU's qemu_put_buffer_async)."""
+
+
+class SaveContext(Protocol):
+    """What the source engine offers a device while it saves (the source's
+    counterpart of :class:`LoadContext`)."""
+
+    def switchover_ack_enabled(self) -> bool:
+        """The switchover-ack capability is on for this migration: a device
+        may end its initial data with DEV_INIT_DATA_SENT."""
+
 
 class LoadContext(Protocol):
     """What the destination engine offers a device while it loads."""
@@ -56,7 +72,7 @@ class SaveVMHandlers:
     iterable: bool = False
 
     # -- source -----------------------------------------------------------------
-    def save_setup(self, out: OutStream) -> None: ...
+    def save_setup(self, out: OutStream, ctx: SaveContext) -> None: ...
 
     def state_pending_estimate(self) -> int:
         """Bytes still to send, cheaply (no dirty-log sync)."""

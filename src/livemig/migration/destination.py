@@ -10,71 +10,58 @@ guest; the reason goes back to the source on the return path.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
 
 from livemig.machine.runstate import TRANSITIONS, RunState
 from livemig.machine.vmstate import SaveVMHandlers
+from livemig.migration import savevm
+from livemig.migration.errors import LoadError, MigrationError
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
+from livemig.migration.ram import RamLoadHandler
 from livemig.migration.return_path import DestinationReturnPath
-from livemig.migration.savevm import destination_handlers, find_handler, payload_kinds
 from livemig.migration.status import AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
+from livemig.qapi.capabilities import Capabilities
+from livemig.qapi.parameters import Parameters
 from livemig.threadname import name_native_thread
-from livemig.transport import TransportError, listen
+from livemig.transport import Channel, Listener, TransportError, listen
 from livemig.wire import (
     MULTIFD_INIT_SIZE,
-    NEED_DATA,
     QEMU_VM_FILE_MAGIC,
-    Closed,
-    Command,
-    Configuration,
-    Eof,
-    Header,
-    MigCmd,
-    RamMultifdFlush,
-    SectionEnd,
-    SectionFooter,
-    SectionFull,
-    SectionPart,
-    SectionStart,
     StreamDecoder,
     StreamError,
-    VmDescription,
     decode_multifd_init,
 )
 
 log = logging.getLogger("livemig.migration")
 EventCallback = Callable[[str, dict | None], None]
-_SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
-                 SectionFull: "full"}
-RECV_CHUNK = 4 << 20
+Clock = Callable[[], float]
 MAX_RECORD_BYTES = 16 << 20
 
-
-class LoadError(Exception):
-    """A load failure with the reason to report (error-desc and to the source)."""
+__all__ = ["IncomingState", "LoadError"]
 
 
 class IncomingState(AnnouncesStatus):
     """One VM's incoming migration (``@upper_half`` entry points: start, query)."""
 
-    def __init__(self, machine, caps, params, emit: EventCallback,
-                 on_failure_exit: Callable[[str], None] | None = None) -> None:
+    def __init__(self, machine, caps: Capabilities, params: Parameters, emit: EventCallback,
+                 on_failure_exit: Callable[[str], None] | None = None, *,
+                 clock: Clock = time.monotonic) -> None:
         self.machine = machine
+        self.clock = clock
         self.caps = caps
         self.params = params
         self.emit = emit
         self.on_failure_exit = on_failure_exit
         self.sm = StatusMachine()
         self.error_desc: str | None = None
-        self.listener = None
-        self.channel = None
+        self.listener: Listener | None = None
+        self.channel: Channel | None = None
+        self.savevm = savevm.SaveVMState()
         self.rp: DestinationReturnPath | None = None
         self.exit_on_error = True
         self.started = False
@@ -87,7 +74,6 @@ class IncomingState(AnnouncesStatus):
         self._preread = b""
         self._multifd_flushes = 0
         self._thread: threading.Thread | None = None
-
 
     # -- QMP entry points -----------------------------------------------------------------
     def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:
@@ -117,7 +103,7 @@ class IncomingState(AnnouncesStatus):
             info["socket-address"] = addr
         if self.error_desc is not None:
             info["error-desc"] = self.error_desc
-        if self.caps.get("switchover-ack") and status is not S.SETUP:
+        if self.caps.switchover_ack and status is not S.SETUP:
             info["x-switchover-ack"] = {"pending": self.switchover_ack_pending_num,
                                         "approved": dict(self.approvals)}
         if self.load_times:
@@ -127,7 +113,7 @@ class IncomingState(AnnouncesStatus):
 
     # -- LoadContext (device callbacks, any thread) ------------------------------------
     def switchover_ack_enabled(self) -> bool:
-        return bool(self.caps.get("switchover-ack"))
+        return self.caps.switchover_ack
 
     def approve_switchover(self, handler: SaveVMHandlers) -> None:
         """QEMU's qemu_loadvm_approve_switchover: the last approval sends the ACK."""
@@ -136,7 +122,7 @@ class IncomingState(AnnouncesStatus):
                 log.warning("%s approved switchover with nothing pending", handler.idstr)
                 return
             self.switchover_ack_pending_num -= 1
-            self.approvals[handler.idstr] = round((time.monotonic() - self._t0) * 1000, 3)
+            self.approvals[handler.idstr] = round((self.clock() - self._t0) * 1000, 3)
             send = self.switchover_ack_pending_num == 0
         if send and self.rp is not None:
             self.rp.send_switchover_ack()
@@ -152,11 +138,13 @@ class IncomingState(AnnouncesStatus):
                 return
             finally:
                 self.listener.close()
-        self._t0 = time.monotonic()
+        self._t0 = self.clock()
         self._set(S.SETUP, S.ACTIVE)
         try:
             self._load()
-        except (StreamError, LoadError, ValueError) as exc:
+        except MigrationError as exc:
+            self._fail(exc.desc)
+        except (StreamError, ValueError) as exc:
             self._fail(str(exc))
         except TransportError as exc:
             self._fail(exc.desc)
@@ -169,7 +157,8 @@ class IncomingState(AnnouncesStatus):
     def _accept_channels(self) -> None:
         """The main channel, plus ``multifd-channels`` more when multifd is on;
         they are told apart by their first 4 bytes, as QEMU does."""
-        if not self.caps.get("multifd"):
+        assert self.listener is not None
+        if not self.caps.multifd:
             self.channel = self.listener.accept()
             return
         n = self.params.multifd_channels
@@ -194,15 +183,12 @@ class IncomingState(AnnouncesStatus):
         self.error_desc = f"load of migration failed: {reason}"
         # exit-on-error prints it (one line, as QEMU); otherwise query-migrate has it.
         log.info("%s", self.error_desc)
-        for h in getattr(self, "handlers", []):
-            try:
-                h.load_cleanup()
-            except Exception:  # noqa: BLE001
-                pass
+        savevm.qemu_loadvm_state_cleanup(self.savevm)
         if self.rp is not None:
             self.rp.send_error(reason[:512])
             self.rp.send_shut(1)
-            self._linger()
+            if self.channel is not None:
+                self.channel.linger(2.0)
             self.rp.close()
         if self.channel is not None:
             self.channel.shutdown()
@@ -211,149 +197,70 @@ class IncomingState(AnnouncesStatus):
             self.multifd.shutdown()
             self.multifd.close()
         self.sm.force(S.FAILED) if self.sm.status is not S.FAILED else None
-        if self.caps.get("events"):
+        if self.caps.events:
             self.emit("MIGRATION", {"status": "failed"})
         if self.exit_on_error and self.on_failure_exit is not None:
             self.on_failure_exit(self.error_desc)
 
-    def _linger(self, seconds: float = 2.0) -> None:
-        """Half-close, then drain what the source still sends until it hangs up.
-        Closing a socket with unread data sends an RST, and an RST can make the
-        source drop our error message unread."""
-        sock = getattr(self.channel, "sock", None)
-        if sock is None:
-            return
-        buf = bytearray(1 << 16)
-        deadline = time.monotonic() + seconds
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(0.1)
-            while time.monotonic() < deadline:
-                try:
-                    if sock.recv_into(buf) == 0:
-                        return
-                except TimeoutError:
-                    continue
-        except OSError:
-            return
+    # -- LoadvmHost (the savevm layer asks; load thread) ------------------------------
+    def mark(self, name: str) -> None:
+        """A load checkpoint; only the first of each name counts."""
+        self.load_times.setdefault(name, self.clock() - self._t0)
 
-    def _mark(self, name: str) -> None:
-        self.load_times[name] = time.monotonic() - self._t0
+    def read_into(self, buf) -> int:
+        assert self.channel is not None
+        return self.channel.recv_into(buf)
+
+    def has_return_path(self) -> bool:
+        return self.rp is not None
+
+    def open_return_path(self) -> None:
+        if self.rp is not None:
+            log.warning("CMD_OPEN_RETURN_PATH called when RP already open")
+            return
+        assert self.channel is not None
+        self.rp = DestinationReturnPath(self.channel.return_path())
+        if self.caps.switchover_ack and self.switchover_ack_pending_num == 0:
+            self.rp.send_switchover_ack()     # nothing to prepare: ACK at once
+
+    def send_pong(self, value: int) -> None:
+        assert self.rp is not None
+        self.rp.send_pong(value)
+
+    def set_switchover_ack_pending(self, count: int) -> None:
+        with self._lock:
+            self.switchover_ack_pending_num = count
+
+    def multifd_recv_sync_main(self) -> None:
+        if self.multifd is not None:
+            self._multifd_flushes += 1
+            self.multifd.wait_sync(self._multifd_flushes)
 
     def _load(self) -> None:
-        self.handlers = destination_handlers(self.machine)
-        self.global_state = next(h for h in self.handlers
-                                 if isinstance(h, GlobalStateHandler))
+        self.savevm = savevm.SaveVMState()
+        self.global_state = GlobalStateHandler()
+        for h in (RamLoadHandler(self.machine), *self.machine.vmstate_handlers(),
+                  self.global_state):
+            self.savevm.register_savevm_live(h)
         # No record of ours comes near 16 MiB (device data goes in 1 MiB chunks): a
         # hostile length is refused instead of buffered.
-        dec = StreamDecoder(payload_kinds(self.handlers), max_payload=MAX_RECORD_BYTES)
+        dec = StreamDecoder(self.savevm.payload_kinds(), max_payload=MAX_RECORD_BYTES)
         if self._preread:
             dec.receive_data(self._preread)    # the magic multifd classification read
-        by_id: dict[int, SaveVMHandlers] = {}
-        current: SaveVMHandlers | None = None
-        current_type = ""
-        while True:
-            ev = dec.next_event()
-            if ev is NEED_DATA:
-                buf = dec.get_buffer(RECV_CHUNK)
-                dec.buffer_updated(self.channel.recv_into(buf))  # 0: end of data
-                continue
-            if isinstance(ev, Closed):
-                raise LoadError("stream ended before the VM description")
-            if isinstance(ev, (SectionStart, SectionFull)):
-                h = find_handler(self.handlers, ev.idstr, ev.instance_id)
-                if h is None:
-                    raise LoadError(
-                        f"Unknown savevm section or instance '{ev.idstr}' {ev.instance_id}. "
-                        "Make sure that your current VM setup matches your saved VM setup, "
-                        "including any hotplugged devices")
-                if ev.version_id > h.version_id:
-                    raise LoadError(f"savevm: unsupported version {ev.version_id} for "
-                                    f"'{ev.idstr}' v{h.version_id}")
-                by_id[ev.section_id] = h
-                current, current_type = h, _SECTION_TYPE[type(ev)]
-            elif isinstance(ev, (SectionPart, SectionEnd)):
-                current = by_id.get(ev.section_id)
-                if current is None:
-                    raise LoadError(f"Unknown savevm section {ev.section_id}")
-                current_type = _SECTION_TYPE[type(ev)]
-                if current_type == "end" and "dst-first-end-section" not in self.load_times:
-                    self._mark("dst-first-end-section")
-            elif isinstance(ev, SectionFooter):
-                assert current is not None
-                self._section_done(current, current_type)
-                current = None
-            elif isinstance(ev, Command):
-                self._command(ev)
-            elif isinstance(ev, RamMultifdFlush):
-                if self.multifd is not None:
-                    self._multifd_flushes += 1
-                    self.multifd.wait_sync(self._multifd_flushes)
-            elif isinstance(ev, Configuration):
-                self._configuration(ev)
-            elif isinstance(ev, Eof):
-                self._mark("dst-eof")
-            elif isinstance(ev, VmDescription):
-                break
-            elif isinstance(ev, Header):
-                pass
-            else:
-                if current is None:
-                    raise LoadError(f"payload outside a section: {type(ev).__name__}")
-                current.load_event(ev)
+        savevm.qemu_loadvm_state(self.savevm, self, dec,
+                                 machine_type=self.machine.machine_type,
+                                 uuid=self.machine.uuid_bytes)
         self._complete()
-
-    def _section_done(self, h: SaveVMHandlers, section_type: str) -> None:
-        try:
-            h.load_section_done(section_type)
-        except ValueError as exc:
-            raise LoadError(f"error while loading state for device '{h.idstr}': {exc}") from exc
-
-    def _configuration(self, ev: Configuration) -> None:
-        local = self.machine.machine_type
-        if ev.machine_type != local[: len(ev.machine_type)]:
-            raise LoadError(f"Machine type received is '{ev.machine_type}' and local is "
-                            f"'{local}'")
-        if ev.uuid is not None and self.machine.uuid_bytes is not None \
-                and ev.uuid != self.machine.uuid_bytes:
-            raise LoadError(f"UUID received is {uuidlib.UUID(bytes=ev.uuid)} and local is "
-                            f"{uuidlib.UUID(bytes=self.machine.uuid_bytes)}")
-        # QEMU counts approvals after load_setup, before the section loop.
-        for h in self.handlers:
-            h.load_setup(self)
-        if self.caps.get("switchover-ack"):
-            self.switchover_ack_pending_num = sum(h.switchover_ack_needed()
-                                                  for h in self.handlers)
-
-    def _command(self, ev: Command) -> None:
-        if ev.cmd == MigCmd.OPEN_RETURN_PATH:
-            if self.rp is not None:
-                log.warning("CMD_OPEN_RETURN_PATH called when RP already open")
-                return
-            self.rp = DestinationReturnPath(self.channel.return_path())
-            if self.caps.get("switchover-ack") and self.switchover_ack_pending_num == 0:
-                self.rp.send_switchover_ack()
-        elif ev.cmd == MigCmd.PING:
-            if self.rp is None:
-                raise LoadError(f"CMD_PING (0x{int.from_bytes(ev.payload, 'big'):x}) "
-                                "received with no return path")
-            self.rp.send_pong(int.from_bytes(ev.payload, "big"))
 
     def _complete(self) -> None:
         """process_incoming_migration_bh: decide whether the guest runs."""
-        for h in self.handlers:
-            try:
-                h.load_complete()
-            except ValueError as exc:
-                raise LoadError(f"error while loading state for device '{h.idstr}': "
-                                f"{exc}") from exc
         if self.multifd is not None:
             # The last MULTIFD_FLUSH already waited for every page; the channels are done.
             if self.multifd.error:
                 raise LoadError(self.multifd.error)
             self.multifd.shutdown()
             self.multifd.close()
-        self._mark("dst-loaded")
+        self.mark("dst-loaded")
         received = self.global_state.runstate or "running"
         if received == "running":
             if self.machine.autostart:
@@ -366,9 +273,10 @@ class IncomingState(AnnouncesStatus):
                 raise LoadError(f"globalstate: run state '{received}' cannot follow an "
                                 "incoming migration")
             self.machine.set_runstate(RunState(received))
-        self._mark("dst-vm-started")
+        self.mark("dst-vm-started")
         self._set(S.ACTIVE, S.COMPLETED)
         if self.rp is not None:
             self.rp.send_shut(0)
             self.rp.close()
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()

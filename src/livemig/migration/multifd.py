@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from livemig.migration.errors import MigrationError
 from livemig.migration.ram import zero_pages
 from livemig.threadname import name_native_thread
 from livemig.transport.channel import IOVEC
@@ -69,16 +71,24 @@ def packet_iovec(head: bytes, normal: np.ndarray, ram_base: int) -> np.ndarray:
     return iov
 
 
+@dataclass(frozen=True)
+class MultifdStats:
+    """The senders' counters at one moment (``query-migrate``'s multifd share)."""
+
+    bytes_sent: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+
+
 class MultifdSender:
     """Source side. ``@bottom_half``: queue_pages/sync from the migration thread;
-    one sender thread per channel."""
+    one sender thread per channel. The counters are updated by N threads at
+    once, so they change under ``_lock`` only (a ``+=`` is not atomic)."""
 
     def __init__(self, channels: list[Any], ram, uuid: bytes) -> None:
         self.ram = ram
         self.channels = channels
-        self.bytes_sent = 0
-        self.zero_pages = 0
-        self.normal_pages = 0
+        self._stats = MultifdStats()
         self.error: str | None = None
         self._lock = threading.Lock()
         self._next = 0
@@ -92,6 +102,28 @@ class MultifdSender:
             ch.sendall(encode_multifd_init(uuid, i))
         for t in self._threads:
             t.start()
+
+    def stats(self) -> MultifdStats:
+        with self._lock:
+            return self._stats
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.stats().bytes_sent
+
+    @property
+    def normal_pages(self) -> int:
+        return self.stats().normal_pages
+
+    @property
+    def zero_pages(self) -> int:
+        return self.stats().zero_pages
+
+    def _count(self, nbytes: int, normal: int = 0, zero: int = 0) -> None:
+        with self._lock:
+            st = self._stats
+            self._stats = MultifdStats(st.bytes_sent + nbytes, st.normal_pages + normal,
+                                       st.zero_pages + zero)
 
     def queue_pages(self, idx: np.ndarray, known_zero: np.ndarray) -> None:
         """Send these page numbers (ascending) on the next channel(s), round robin;
@@ -108,7 +140,7 @@ class MultifdSender:
     def _put(self, i: int, item: Any) -> None:
         while True:
             if self.error is not None:
-                raise RuntimeError(self.error)
+                raise MigrationError(self.error)
             try:
                 self._queues[i].put(item, timeout=0.1)
                 return
@@ -129,7 +161,7 @@ class MultifdSender:
                         flags=MULTIFD_FLAG_SYNC, normal_offsets=np.empty(0, np.uint64),
                         zero_offsets=np.empty(0, np.uint64), packet_num=num, block=name)
                     ch.sendall(head)
-                    self.bytes_sent += len(head)
+                    self._count(len(head))
                     continue
                 idx, known_zero = item
                 nonzero = self.ram.nonzero_pages(idx, known_zero)
@@ -139,9 +171,8 @@ class MultifdSender:
                     zero_offsets=idx[~nonzero].astype(np.uint64) << TARGET_PAGE_BITS,
                     packet_num=num, block=name)
                 ch.send_iovec(packet_iovec(head, normal, self._ram_base))
-                self.bytes_sent += len(head) + normal.size * TARGET_PAGE_SIZE
-                self.normal_pages += int(normal.size)
-                self.zero_pages += int(idx.size - normal.size)
+                self._count(len(head) + normal.size * TARGET_PAGE_SIZE,
+                            int(normal.size), int(idx.size - normal.size))
         except Exception as exc:  # noqa: BLE001 - reported through self.error
             self.error = getattr(exc, "desc", None) or str(exc)
             log.debug("multifd send %d failed", i, exc_info=True)
@@ -153,7 +184,7 @@ class MultifdSender:
         for t in self._threads:
             t.join()
         if self.error is not None:
-            raise RuntimeError(self.error)
+            raise MigrationError(self.error)
         self.close()     # EOF on every channel: the receivers are done
 
     def shutdown(self) -> None:
@@ -196,7 +227,7 @@ class MultifdReceiver:
         with self._cond:
             while min(self._syncs) < count:
                 if self.error is not None:
-                    raise RuntimeError(self.error)
+                    raise MigrationError(self.error)
                 self._cond.wait(0.1)
             self._released = count
             self._cond.notify_all()
@@ -219,7 +250,7 @@ class MultifdReceiver:
                 n = pkt.normal_pages + pkt.zero_pages
                 offs = np.empty(n, dtype=">u8")
                 if n:
-                    ch.read_exact_into(memoryview(offs).cast("B"))
+                    ch.read_exact_into(offs.view(np.uint8))
                 pages = (offs.astype(np.int64) >> TARGET_PAGE_BITS)
                 if pages.size and (pages.min() < 0 or pages.max() >= ram.npages):
                     raise ValueError("multifd: page offset outside RAM")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
-from livemig.machine.vmstate import LoadContext, OutStream, SaveVMHandlers
+from livemig.machine.vmstate import LoadContext, OutStream, SaveContext, SaveVMHandlers
 from livemig.transport.channel import IOVEC
 from livemig.wire import (
     PayloadKind,
@@ -36,6 +37,17 @@ BATCH_PAGES = 1024                 # 4 MiB of pages per encode/send
 DOWNTIME_BATCH_PAGES = BATCH_PAGES * 4
 SCAN_PAGES = 1 << 15               # bitmap stretch scanned per lookup
 MAX_WAIT_S = 0.05                  # QEMU's MAX_WAIT: one iterate call sends at most 50 ms
+
+
+class MultifdPages(Protocol):
+    """What RAM hands pages to when multifd is on (``multifd.MultifdSender``)."""
+
+    @property
+    def normal_pages(self) -> int: ...
+
+    def queue_pages(self, idx: np.ndarray, known_zero: np.ndarray) -> None: ...
+
+    def sync(self) -> None: ...
 
 
 @dataclass
@@ -60,7 +72,12 @@ class RamSaveHandler(SaveVMHandlers):
     payload_kind = PayloadKind.RAM
     iterable = True
 
-    def __init__(self, machine, on_sync: Callable[[int], None]) -> None:
+    def __init__(self, machine, on_sync: Callable[[int], None], *,
+                 multifd: MultifdPages | None = None, gather: bool = True) -> None:
+        """``multifd``: where pages go when the capability is on (the main
+        stream then carries only sync points). ``gather``: send pages as
+        iovecs straight from guest RAM; False encodes them into a buffer
+        first (the reference the property tests compare against)."""
         self.machine = machine
         self.ram = machine.ram
         self.on_sync = on_sync
@@ -72,7 +89,8 @@ class RamSaveHandler(SaveVMHandlers):
         self._scratch = np.empty(BATCH_PAGES * 4 * (TARGET_PAGE_SIZE + 8) + 256, dtype=np.uint8)
         self._rate_t0 = time.monotonic()
         self._rate_pages = 0
-        self.multifd = None            # a MultifdSender when the capability is on
+        self.multifd = multifd
+        self.gather = gather
         self.multifd_pages_at_stop: int | None = None
         self.known_zero = np.zeros(self.ram.npages, dtype=bool)
         self._flush_pending = False
@@ -106,7 +124,7 @@ class RamSaveHandler(SaveVMHandlers):
         return int(np.count_nonzero(self.bitmap)) * TARGET_PAGE_SIZE
 
     # -- SaveVMHandlers ---------------------------------------------------------
-    def save_setup(self, out: OutStream) -> None:
+    def save_setup(self, out: OutStream, ctx: SaveContext) -> None:
         self.machine.cpu.log_dirty_start()
         self.machine.dirty_log.enabled = True
         # After logging starts: pages not resident now were never written, so their
@@ -222,7 +240,7 @@ class RamSaveHandler(SaveVMHandlers):
             norm_idx = idx if n_normal == idx.size else idx[nonzero]
             offsets = norm_idx.astype(np.int64) << TARGET_PAGE_BITS
             first_named = self._last_block != name
-            if getattr(out, "can_gather", False) and n_normal <= DOWNTIME_BATCH_PAGES:
+            if self.gather and n_normal <= DOWNTIME_BATCH_PAGES:
                 self._write_gathered(out, name, norm_idx, offsets, first_named)
             else:
                 pages = (self.ram.pages[lo:hi] if contiguous and n_normal == idx.size
@@ -238,7 +256,7 @@ class RamSaveHandler(SaveVMHandlers):
                 c.precopy_bytes += n_normal * TARGET_PAGE_SIZE
         c.pages_in_window += int(idx.size)
 
-    def _write_gathered(self, out, name: str, norm_idx: np.ndarray, offsets: np.ndarray,
+    def _write_gathered(self, out: OutStream, name: str, norm_idx: np.ndarray, offsets: np.ndarray,
                         first_named: bool) -> None:
         """Headers from a small buffer, pages straight from guest RAM, one
         gathered write: the page bytes are copied once, by the kernel."""

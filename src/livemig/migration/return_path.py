@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from livemig.migration.errors import MigrationError
 from livemig.threadname import name_native_thread
 from livemig.transport import TransportError
 from livemig.wire import (
@@ -101,7 +102,7 @@ class SourceReturnPath:
             check()
         check()
         if self.shut_value is None:
-            raise RuntimeError(self.error or CHANNEL_ERROR)
+            raise MigrationError(self.error or CHANNEL_ERROR)
 
     def shutdown(self) -> None:
         try:
@@ -157,11 +158,7 @@ class DestinationReturnPath:
                 return
             self.closed = True
             self._released = True
-        sock = getattr(self.channel, "sock", None)
         try:
-            if sock is not None:
-                sock.close()
-            else:
-                self.channel.close()
+            self.channel.release()
         except (OSError, TransportError):
             pass

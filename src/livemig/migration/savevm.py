@@ -1,39 +1,341 @@
-"""The SaveVMHandlers registry: which handlers a machine has, in QEMU's order.
+"""QEMU's savevm layer (migration/savevm.c): sections, both ways, framed once.
 
-Iterable devices first (``ram`` first, as QEMU registers it), then the
-non-iterable ones, ``globalstate`` last. Section ids are list positions.
+The handlers of one migration live in a :class:`SaveVMState` (QEMU's
+``savevm_state``), in registration order: the engine registers ``ram``
+first, the machine its devices (:meth:`Machine.vmstate_handlers`), the
+engine ``globalstate`` last. Section ids are registration positions. This
+module knows the :class:`SaveVMHandlers` interface only, no concrete device.
+
+Source: ``qemu_savevm_state_header`` / ``_setup`` / ``_iterate`` /
+``_complete_precopy`` / ``_cleanup`` wrap each handler's payload in its
+section (header, payload, footer); the migration thread decides *when*
+(``livemig.migration.policy``). Destination: ``qemu_loadvm_state`` decodes
+the stream, routes each section's payload to its handler and hands the
+commands to ``loadvm_process_command``; what only the incoming side can do
+(the return path, multifd, the clock) it asks of a :class:`LoadvmHost`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 
-from livemig.machine.accel_vmstate import AccelHandler
-from livemig.machine.cpu_vmstate import CpuHandler
-from livemig.machine.vmstate import SaveVMHandlers
-from livemig.migration.global_state import GlobalStateHandler
-from livemig.migration.ram import RamLoadHandler, RamSaveHandler
+from livemig.machine.vmstate import LoadContext, OutStream, SaveContext, SaveVMHandlers
+from livemig.migration.errors import LoadError
+from livemig.wire import (
+    NEED_DATA,
+    Closed,
+    Command,
+    Configuration,
+    Eof,
+    Header,
+    MigCmd,
+    PayloadKind,
+    RamMultifdFlush,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    SectionType,
+    StreamDecoder,
+    VmDescription,
+    encode_command,
+    encode_configuration,
+    encode_eof,
+    encode_footer,
+    encode_header,
+    encode_section_header,
+    encode_vmdesc,
+)
+
+_SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
+                 SectionFull: "full"}
+RECV_CHUNK = 4 << 20
 
 
-def source_handlers(machine, on_sync: Callable[[int], None]) -> list[SaveVMHandlers]:
-    return [RamSaveHandler(machine, on_sync),
-            *(AccelHandler(dev) for dev in machine.devices.values()),
-            CpuHandler(machine), GlobalStateHandler()]
+class SaveVMState:
+    """The registered handlers of one migration (QEMU's ``savevm_state``)."""
+
+    def __init__(self) -> None:
+        self.handlers: list[SaveVMHandlers] = []
+
+    def register_savevm_live(self, handler: SaveVMHandlers) -> int:
+        """Add a handler; its section id is its position (QEMU's
+        register_savevm_live, in registration order)."""
+        self.handlers.append(handler)
+        return len(self.handlers) - 1
+
+    def sections(self, *, iterable: bool) -> Iterator[tuple[int, SaveVMHandlers]]:
+        return ((sid, h) for sid, h in enumerate(self.handlers) if h.iterable is iterable)
+
+    def find(self, idstr: str, instance_id: int) -> SaveVMHandlers | None:
+        """QEMU's find_se()."""
+        for h in self.handlers:
+            if h.idstr == idstr and h.instance_id == instance_id:
+                return h
+        return None
+
+    def payload_kinds(self) -> dict[str, PayloadKind]:
+        """How the decoder frames each section's payload."""
+        return {h.idstr: h.payload_kind for h in self.handlers}
+
+    def switchover_ack_needed(self) -> int:
+        """How many handlers will approve switchover on the destination (both
+        sides count the same handlers: QEMU's switchover_ack_pending_num)."""
+        return sum(h.switchover_ack_needed() for h in self.handlers)
 
 
-def destination_handlers(machine) -> list[SaveVMHandlers]:
-    return [RamLoadHandler(machine),
-            *(AccelHandler(dev) for dev in machine.devices.values()),
-            CpuHandler(machine), GlobalStateHandler()]
+# -- source ------------------------------------------------------------------------
+
+@contextmanager
+def _section(f: OutStream, kind: SectionType, sid: int, h: SaveVMHandlers) -> Iterator[None]:
+    """One section: its header, the handler's payload, its footer. START and
+    FULL name the handler (QEMU's save_section_header), PART and END only
+    repeat the id."""
+    if kind in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+        f.write(encode_section_header(kind, sid, h.idstr, h.instance_id, h.version_id))
+    else:
+        f.write(encode_section_header(kind, sid))
+    yield
+    f.write(encode_footer(sid))
 
 
-def payload_kinds(handlers: list[SaveVMHandlers]) -> dict:
-    return {h.idstr: h.payload_kind for h in handlers}
+def qemu_savevm_state_header(f: OutStream, machine_type: str, uuid: bytes | None) -> None:
+    """The file header and the configuration section (machine type, and the
+    UUID when ``validate-uuid`` is on)."""
+    f.write(encode_header())
+    f.write(encode_configuration(machine_type, uuid=uuid))
 
 
-def find_handler(handlers: list[SaveVMHandlers], idstr: str,
-                 instance_id: int) -> SaveVMHandlers | None:
-    for h in handlers:
-        if h.idstr == idstr and h.instance_id == instance_id:
-            return h
-    return None
+def qemu_savevm_send_open_return_path(f: OutStream) -> None:
+    f.write(encode_command(MigCmd.OPEN_RETURN_PATH))
+
+
+def qemu_savevm_send_ping(f: OutStream, value: int) -> None:
+    f.write(encode_command(MigCmd.PING, value.to_bytes(4, "big")))
+
+
+def qemu_savevm_send_switchover_start(f: OutStream) -> None:
+    f.write(encode_command(MigCmd.SWITCHOVER_START))
+
+
+def qemu_savevm_state_setup(state: SaveVMState, f: OutStream, ctx: SaveContext) -> None:
+    """A START section per iterable handler; the stream is flushed after, so
+    the destination can begin its own setup at once."""
+    for sid, h in state.sections(iterable=True):
+        with _section(f, SectionType.SECTION_START, sid, h):
+            h.save_setup(f, ctx)
+    f.flush()
+
+
+def qemu_savevm_state_pending_estimate(state: SaveVMState) -> int:
+    """Bytes the iterable handlers still hold, cheaply (no dirty-log sync)."""
+    return sum(h.state_pending_estimate() for _, h in state.sections(iterable=True))
+
+
+def qemu_savevm_state_pending_exact(state: SaveVMState) -> int:
+    """The same after a dirty-log sync (RAM syncs here: costly)."""
+    return sum(h.state_pending_exact() for _, h in state.sections(iterable=True))
+
+
+def qemu_savevm_state_iterate(state: SaveVMState, f: OutStream) -> bool:
+    """A PART section per iterable handler, each gets its turn (QEMU 9.0's
+    no-starvation rule) until the rate limit is reached. True when every
+    handler had nothing left to send."""
+    all_done = True
+    for sid, h in state.sections(iterable=True):
+        if f.rate_exceeded():
+            all_done = False
+            break
+        with _section(f, SectionType.SECTION_PART, sid, h):
+            all_done = h.save_live_iterate(f) and all_done
+    f.flush()
+    return all_done
+
+
+def qemu_savevm_state_complete_precopy_iterable(state: SaveVMState, f: OutStream) -> None:
+    """The guest is stopped: an END section per iterable handler, with all
+    that is left."""
+    qemu_savevm_send_switchover_start(f)
+    for sid, h in state.sections(iterable=True):
+        with _section(f, SectionType.SECTION_END, sid, h):
+            h.save_live_complete_precopy(f)
+
+
+def qemu_savevm_state_complete_precopy_non_iterable(state: SaveVMState, f: OutStream) -> None:
+    """A FULL section per other handler (device state, vCPU, globalstate),
+    EOF, then the VM description JSON, flushed."""
+    for sid, h in state.sections(iterable=False):
+        with _section(f, SectionType.SECTION_FULL, sid, h):
+            h.save_state(f)
+    f.write(encode_eof())
+    f.write(encode_vmdesc(qemu_savevm_state_vmdesc(state)))
+    f.flush()
+
+
+def qemu_savevm_state_vmdesc(state: SaveVMState) -> bytes:
+    """The VM description after EOF: the non-iterable sections."""
+    devices = [{"name": h.idstr, "instance_id": h.instance_id, "vmsd_name": h.idstr,
+                "version": h.version_id} for _, h in state.sections(iterable=False)]
+    return json.dumps({"page_size": 4096, "devices": devices}, separators=(",", ":")).encode()
+
+
+def qemu_savevm_state_cleanup(state: SaveVMState,
+                              on_error: Callable[[SaveVMHandlers, Exception], None]) -> None:
+    """Every handler's save_cleanup, whatever happened; a failing cleanup is
+    reported to ``on_error`` and does not stop the others."""
+    for h in state.handlers:
+        try:
+            h.save_cleanup()
+        except Exception as exc:  # noqa: BLE001 - cleanup must reach every handler
+            on_error(h, exc)
+
+
+# -- destination ---------------------------------------------------------------------
+
+class LoadvmHost(LoadContext, Protocol):
+    """What ``qemu_loadvm_state`` needs of the incoming side (QEMU's
+    MigrationIncomingState): its input, its return path, multifd, its clock.
+    It is also the :class:`LoadContext` the handlers see."""
+
+    def read_into(self, buf: Any) -> int:
+        """Read stream bytes into ``buf``; 0 at the end of the data."""
+
+    def open_return_path(self) -> None:
+        """MIG_CMD_OPEN_RETURN_PATH (QEMU: mis->to_src_file)."""
+
+    def has_return_path(self) -> bool: ...
+
+    def send_pong(self, value: int) -> None:
+        """Answer MIG_CMD_PING on the return path."""
+
+    def set_switchover_ack_pending(self, count: int) -> None:
+        """After load_setup: how many approvals switchover waits for."""
+
+    def multifd_recv_sync_main(self) -> None:
+        """A MULTIFD_FLUSH record: wait until every channel reached this sync."""
+
+    def mark(self, name: str) -> None:
+        """A load checkpoint (``x-load-checkpoints``)."""
+
+
+def check_configuration(ev: Configuration, machine_type: str, uuid: bytes | None) -> None:
+    """QEMU's configuration section post-load: same machine type (a prefix
+    match, as QEMU's), same UUID when the source sent one."""
+    if ev.machine_type != machine_type[: len(ev.machine_type)]:
+        raise LoadError(f"Machine type received is '{ev.machine_type}' and local is "
+                        f"'{machine_type}'")
+    if ev.uuid is not None and uuid is not None and ev.uuid != uuid:
+        raise LoadError(f"UUID received is {uuidlib.UUID(bytes=ev.uuid)} and local is "
+                        f"{uuidlib.UUID(bytes=uuid)}")
+
+
+def qemu_loadvm_state_setup(state: SaveVMState, host: LoadvmHost) -> None:
+    """Every handler's load_setup, then the switchover-ack count (QEMU counts
+    after load_setup, before the section loop)."""
+    for h in state.handlers:
+        h.load_setup(host)
+    if host.switchover_ack_enabled():
+        host.set_switchover_ack_pending(state.switchover_ack_needed())
+
+
+def loadvm_process_command(host: LoadvmHost, ev: Command) -> None:
+    """MIG_CMD_*: the return path and its pings; SWITCHOVER_START needs nothing."""
+    if ev.cmd == MigCmd.OPEN_RETURN_PATH:
+        host.open_return_path()
+    elif ev.cmd == MigCmd.PING:
+        if not host.has_return_path():
+            raise LoadError(f"CMD_PING (0x{int.from_bytes(ev.payload, 'big'):x}) "
+                            "received with no return path")
+        host.send_pong(int.from_bytes(ev.payload, "big"))
+
+
+def _section_done(h: SaveVMHandlers, section_type: str) -> None:
+    try:
+        h.load_section_done(section_type)
+    except ValueError as exc:
+        raise LoadError(f"error while loading state for device '{h.idstr}': {exc}") from exc
+
+
+def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, *,
+                           machine_type: str, uuid: bytes | None) -> None:
+    """Decode until the VM description: sections to their handlers, commands
+    to :func:`loadvm_process_command`. Returns once all state is in."""
+    by_id: dict[int, SaveVMHandlers] = {}
+    current: SaveVMHandlers | None = None
+    current_type = ""
+    while True:
+        ev = dec.next_event()
+        if ev is NEED_DATA:
+            buf = dec.get_buffer(RECV_CHUNK)
+            dec.buffer_updated(host.read_into(buf))      # 0: end of data
+            continue
+        if isinstance(ev, Closed):
+            raise LoadError("stream ended before the VM description")
+        if isinstance(ev, (SectionStart, SectionFull)):
+            h = state.find(ev.idstr, ev.instance_id)
+            if h is None:
+                raise LoadError(
+                    f"Unknown savevm section or instance '{ev.idstr}' {ev.instance_id}. "
+                    "Make sure that your current VM setup matches your saved VM setup, "
+                    "including any hotplugged devices")
+            if ev.version_id > h.version_id:
+                raise LoadError(f"savevm: unsupported version {ev.version_id} for "
+                                f"'{ev.idstr}' v{h.version_id}")
+            by_id[ev.section_id] = h
+            current, current_type = h, _SECTION_TYPE[type(ev)]
+        elif isinstance(ev, (SectionPart, SectionEnd)):
+            current = by_id.get(ev.section_id)
+            if current is None:
+                raise LoadError(f"Unknown savevm section {ev.section_id}")
+            current_type = _SECTION_TYPE[type(ev)]
+            if current_type == "end":
+                host.mark("dst-first-end-section")
+        elif isinstance(ev, SectionFooter):
+            assert current is not None      # the decoder checks footers against sections
+            _section_done(current, current_type)
+            current = None
+        elif isinstance(ev, Command):
+            loadvm_process_command(host, ev)
+        elif isinstance(ev, RamMultifdFlush):
+            host.multifd_recv_sync_main()
+        elif isinstance(ev, Configuration):
+            check_configuration(ev, machine_type, uuid)
+            qemu_loadvm_state_setup(state, host)
+        elif isinstance(ev, Eof):
+            host.mark("dst-eof")
+        elif isinstance(ev, VmDescription):
+            return
+        elif isinstance(ev, Header):
+            pass
+        else:
+            if current is None:
+                raise LoadError(f"payload outside a section: {type(ev).__name__}")
+            current.load_event(ev)
+
+
+def qemu_loadvm_state(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, *,
+                      machine_type: str, uuid: bytes | None) -> None:
+    """Load a whole stream: the main loop, then every handler's load_complete
+    (a device may still refuse: the guest must not run then)."""
+    qemu_loadvm_state_main(state, host, dec, machine_type=machine_type, uuid=uuid)
+    for h in state.handlers:
+        try:
+            h.load_complete()
+        except ValueError as exc:
+            raise LoadError(f"error while loading state for device '{h.idstr}': "
+                            f"{exc}") from exc
+
+
+def qemu_loadvm_state_cleanup(state: SaveVMState) -> None:
+    """Every handler's load_cleanup after a failed load; errors are ignored
+    (the load already failed with its own reason)."""
+    for h in state.handlers:
+        try:
+            h.load_cleanup()
+        except Exception:  # noqa: BLE001
+            pass

@@ -27,6 +27,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -289,6 +290,17 @@ class Channel:
         """Release the channel (shutting it down first). Idempotent."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Close this descriptor only, never shutting the stream down: a
+        return path shares its stream with the main channel. Idempotent."""
+        self.close()
+
+    def linger(self, seconds: float) -> None:
+        """Half-close, then read and drop what the peer still sends until it
+        hangs up or ``seconds`` pass. Closing a socket with unread data sends
+        an RST, and an RST can make the peer drop our last message unread.
+        Only sockets have a half-close; elsewhere a no-op."""
+
     def __enter__(self) -> Self:
         return self
 
@@ -368,6 +380,28 @@ class SocketChannel(Channel):
             self._closed = True
         self.shutdown()
         self.sock.close()
+
+    def release(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.sock.close()
+
+    def linger(self, seconds: float) -> None:
+        buf = bytearray(1 << 16)
+        deadline = time.monotonic() + seconds
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(0.1)
+            while time.monotonic() < deadline:
+                try:
+                    if self.sock.recv_into(buf) == 0:
+                        return
+                except TimeoutError:
+                    continue
+        except OSError:
+            return
 
 
 class FdChannel(Channel):
