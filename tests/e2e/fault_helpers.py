@@ -84,6 +84,10 @@ MACHINE_TYPE = "livemig-pc-10.0"
 # A VFIO-like device; small so migrations stay fast. No dirty rate: its memory
 # never changes on the source, so its digest before and after a failure must match.
 ACCEL = "accel,id=acc0,size=4M,init-size=512K,prepare-ms=50"
+# A guest paced far below any link here (2500 pages/s, 10 MB/s): a live
+# migration of it converges whatever the load (see CERTAIN_SWITCHOVER_BW for
+# the free-running walk).
+PACED_WALK = 2500
 RP = {"return-path": True}
 ACK = {"return-path": True, "switchover-ack": True}
 EVENTS = {"events": True}
