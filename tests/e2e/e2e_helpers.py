@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
-
 from qemu.qmp import EventListener
 
 from livemig.cli.driver import TERMINAL, Vm
@@ -71,7 +70,7 @@ async def _next_event(listener: EventListener, deadline: float) -> dict | None:
         return None
     try:
         return await asyncio.wait_for(listener.get(), remaining)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         return None
 
 

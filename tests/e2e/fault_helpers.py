@@ -224,7 +224,7 @@ async def assert_stays(vm: Vm, status: str, seconds: float, poll: float = 0.02) 
         if await events_enabled(vm):
             try:
                 ev = await asyncio.wait_for(listener.get(), seconds)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 ev = None
             assert ev is None, f"{vm.spec.name}: left {status}: {dict(ev)}"
             info = await vm.cmd("query-migrate")

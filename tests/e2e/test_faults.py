@@ -43,11 +43,11 @@ from fault_helpers import (
     run_with,
     runstate,
     start_incoming,
-    wait_status,
-    wait_terminal,
     wait_blocked_in_send,
     wait_exited,
     wait_runstate,
+    wait_status,
+    wait_terminal,
     wait_transferred,
 )
 

@@ -27,9 +27,9 @@ from fault_helpers import (
     run_with,
     runstate,
     start_incoming,
+    wait_blocked_in_send,
     wait_status,
     wait_terminal,
-    wait_blocked_in_send,
     wait_transferred,
 )
 
