@@ -100,7 +100,7 @@ def parse_option_number(name: str, value: str) -> int:
     if m is None:
         raise QapiError(INVALID_PARAMETER_VALUE % (name, NUMBER_EXPECTED), errno=_errno.EINVAL)
     digits = m.group(2)
-    base = 16 if digits[:2].lower() == "0x" else 8 if len(digits) > 1 else 10
+    base = 16 if digits[:2].lower() == "0x" else 8 if len(digits) > 1 and digits[0] == "0" else 10
     number = int(digits, base)
     if number >= UINT64_LIMIT:
         raise QapiError(TOO_LARGE % (value, name), errno=_errno.ERANGE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 # QAPI built-in types. ``int`` is ``int64``; ``size`` is ``uint64`` on QMP.
 SIGNED_RANGES: Final[dict[str, tuple[int, int, str]]] = {
@@ -82,7 +82,7 @@ class Alternate:
     choices: tuple[QapiType, ...]
 
 
-QapiType = Union[str, Enum, Array, Object, Alternate]
+QapiType = str | Enum | Array | Object | Alternate
 
 
 def members(spec: Mapping[str, QapiType]) -> tuple[Member, ...]:
