@@ -51,7 +51,7 @@ def find_event(vm: Vm, name: str, status: str | None = None) -> dict | None:
     return None
 
 
-async def _events_caught_up(vm: Vm, timeout: float = 5.0) -> None:
+async def events_caught_up(vm: Vm, timeout: float = 5.0) -> None:
     """``vm.events`` (filled by the driver's collector task from the default
     listener) holds every event the client has received so far. The collector
     only needs its turn on the loop; this yields (``sleep(0)``, no time) until
@@ -88,7 +88,7 @@ async def wait_event(vm: Vm, name: str, status: str | None = None,
             if await _next_event(listener, time.monotonic() + timeout) is None:
                 raise TimeoutError(f"timed out after {timeout} s waiting for "
                                    f"{vm.spec.name}: event {name} {status or ''}")
-    await _events_caught_up(vm)
+    await events_caught_up(vm)
     return find_event(vm, name, status)  # type: ignore[return-value]
 
 
@@ -117,7 +117,7 @@ async def wait_migration_status(vm: Vm, goals=TERMINAL, timeout: float = 30.0, *
             info = await vm.cmd("query-migrate")
             status = info.get("status")
             if status in goals:
-                await _events_caught_up(vm)
+                await events_caught_up(vm)
                 return info
             if status in stop_at:
                 raise AssertionError(f"{vm.spec.name}: migration ended {status} while "
@@ -149,7 +149,7 @@ async def wait_runstate(vm: Vm, goal: str, timeout: float = 10.0,
                                    f"became {goal}")
             await _next_event(listener, deadline if goal == "running"
                               else min(deadline, time.monotonic() + poll))
-    await _events_caught_up(vm)
+    await events_caught_up(vm)
 
 
 async def runstate(vm: Vm) -> str:

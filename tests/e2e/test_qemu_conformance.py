@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import events_caught_up, wait_event, wait_migration_status, wait_runstate
 from qemu.qmp import ExecuteError, QMPClient
 
 from livemig.cli.driver import QEMU_BINARY, Vm, VmSpec, qemu_available
@@ -53,6 +54,7 @@ NAME = "conformance"          # -name of both processes, so query-name compares
 RAM = "64M"
 RAM_BYTES = 64 << 20
 WALK_END = 16 << 20           # bytes; the walk guest dirties 1 MiB .. 16 MiB
+PACED_WALK = 2500             # pages/s: livemig's source in the real migration
 START_TIMEOUT = 30.0          # s, process start until QMP answers
 
 # The walk boot sector (guest/walk.S): tag and end-of-walk word (bytes, little endian).
@@ -103,11 +105,13 @@ def is_walk_image(path: str) -> bool:
 
 
 def make_spec(engine: str, workdir: Path, *, name: str = NAME, paused: bool = False,
-              incoming: str | None = None, extra: list[str] | None = None) -> VmSpec:
+              incoming: str | None = None, extra: list[str] | None = None,
+              walk_rate: int | None = None) -> VmSpec:
     workdir.mkdir(parents=True, exist_ok=True)
     return VmSpec(engine=engine, name=name, ram=RAM,
                   accel=_qemu_accel if engine == "qemu" else "soft",
-                  walk_end=str(WALK_END), incoming=incoming, paused=paused,
+                  walk_end=str(WALK_END), walk_rate=walk_rate, incoming=incoming,
+                  paused=paused,
                   extra=list(extra or []),
                   boot_image=boot_image(workdir) if engine == "qemu" else None)
 
@@ -290,10 +294,10 @@ async def both(qemu: Any, livemig: Any, command: str, args: dict[str, Any] | Non
 
 async def event_names(vm: Vm) -> list[str]:
     """Events seen so far, as ``MIGRATION:<status>``/``STOP``/...; a round trip first, so
-    every event QEMU sent before its answer has been collected."""
+    every event QEMU sent before its answer has been received, then until the driver's
+    collector has put every received event into ``vm.events``."""
     await vm.cmd("query-status")
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await events_caught_up(vm)
     return [f"MIGRATION:{ev['data']['status']}" if ev["event"] == "MIGRATION" else ev["event"]
             for ev in vm.events]
 
@@ -928,8 +932,12 @@ EVENTS_ON = ["-global", "migration.x-events=on"]
 
 async def migrate_once(launcher: Pair, engine: str) -> dict[str, Any]:
     """src -> dst over tcp with return-path + switchover-ack; what both sides showed."""
-    src = await launcher.start(engine, name="src", extra=EVENTS_ON)
-    dst = await launcher.start(engine, name="dst", incoming="defer", extra=EVENTS_ON)
+    # livemig's walk is paced far below the link (it converges whatever the load;
+    # free-running it re-dirties 15 MiB per pass). QEMU's boot-sector guest runs
+    # at the accelerator's pace (nested KVM: ~1.5 M instructions/s).
+    paced = {"walk_rate": PACED_WALK} if engine == "livemig" else {}
+    src = await launcher.start(engine, name="src", extra=EVENTS_ON, **paced)
+    dst = await launcher.start(engine, name="dst", incoming="defer", extra=EVENTS_ON, **paced)
     events_cap = [item for vm in (src, dst) for item in await vm.cmd("query-migrate-capabilities")
                   if item["capability"] == "events"]
     for vm in (src, dst):
@@ -939,18 +947,13 @@ async def migrate_once(launcher: Pair, engine: str) -> dict[str, Any]:
     if engine == "livemig" or is_walk_image(src.spec.boot_image or ""):
         await src.wait_serial(lambda data: data.startswith(b"A"), timeout=20)  # guest runs
     await src.cmd("migrate", uri=f"tcp:{address['host']}:{address['port']}")
-    src_info = await src.wait_status(timeout=60)
-    dst_info = await dst.wait_status(timeout=60)
-
-    async def last_event(vm: Vm) -> None:
-        deadline = time.monotonic() + 20
-        while not any(ev["event"] == "MIGRATION" and ev["data"]["status"] == "completed"
-                      for ev in vm.events):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{engine} {vm.spec.name}: no MIGRATION completed event")
-            await asyncio.sleep(0.01)
+    # events on: woken by MIGRATION events, not polled
+    src_info = await wait_migration_status(src, timeout=60)
+    dst_info = await wait_migration_status(dst, timeout=60)
     for vm in (src, dst):
-        await last_event(vm)
+        await wait_event(vm, "MIGRATION", "completed")
+    # postmigrate follows the completed status, with no event of its own
+    await wait_runstate(src, "postmigrate")
     return {
         "events_cap": events_cap,
         "src_events": await event_names(src), "dst_events": await event_names(dst),
