@@ -1,0 +1,244 @@
+"""The iteration policy in virtual time: the real loop
+(``policy.migration_iterate_until_complete``) drives a model of a migration
+whose clock only moves when the model says so (sending, syncing, waiting).
+Nothing here sleeps or races."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from livemig.migration import policy, switchover
+
+
+class Horizon(Exception):
+    """The model ran past its time limit without completing."""
+
+
+@dataclass
+class Model:
+    """A guest dirtying ``dirty_rate`` B/s and a link moving ``bandwidth`` B/s.
+
+    Pending bytes are what the last sync found and is not yet sent; pages
+    dirtied since are invisible until the next sync, as with a dirty log."""
+
+    ram: int = 512 << 20
+    bandwidth: float = 1e9
+    dirty_rate: float = 0.0
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0              # bytes/s, 0 = unlimited
+    ack_users: int = 0
+    ack_at: float | None = None         # when the destination's ACK arrives
+    sync_cost: float = 0.002
+    horizon: float = 60.0
+    t: float = 0.0
+    pending: int = 0
+    unsynced: float = 0.0
+    threshold: int = 0
+    window_bytes: int = 0
+    sent_total: int = 0
+    completed_at: float | None = None
+    pending_at_completion: int | None = None
+    passes: int = 0
+    syncs: int = 0
+    iterations: int = 0
+    waits: list[tuple[float, float]] = field(default_factory=list)
+    windows: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pending = self.ram          # the first pass sends everything
+
+    # -- the model's physics ----------------------------------------------------------
+    def _advance(self, dt: float) -> None:
+        self.t += dt
+        self.unsynced = min(self.ram, self.unsynced + self.dirty_rate * dt)
+
+    def _acked(self) -> bool:
+        return self.ack_at is not None and self.t >= self.ack_at
+
+    def _budget_left(self) -> int | None:
+        if not self.max_bandwidth:
+            return None
+        return max(0, self.max_bandwidth // 10 - self.window_bytes)
+
+    # -- IterationEngine ----------------------------------------------------------------
+    def now(self) -> float:
+        return self.t
+
+    def check(self) -> None:
+        if self.t > self.horizon:
+            raise Horizon()
+
+    def iteration_stats(self, window_start: float, pending: int | None = None
+                        ) -> policy.IterationStats:
+        left = self._budget_left()
+        return policy.IterationStats(
+            now=self.t, window_start=window_start,
+            pending=self.pending if pending is None else pending,
+            pending_exact=pending is not None, threshold=self.threshold,
+            can_switchover=switchover.can_switchover(
+                switchover_ack=self.ack_users > 0, ack_users=self.ack_users,
+                vm_running=True, acked=self._acked()),
+            rate_exceeded=left is not None and left == 0)
+
+    def pending_exact(self) -> int:
+        self.syncs += 1
+        self._advance(self.sync_cost)
+        self.pending = min(self.ram, self.pending + int(self.unsynced))
+        self.unsynced = 0.0
+        return self.pending
+
+    def iterate(self) -> None:
+        """One round: at most 50 ms of sending (QEMU's MAX_WAIT), within the budget."""
+        self.iterations += 1
+        n = min(self.pending, int(self.bandwidth * 0.05))
+        left = self._budget_left()
+        if left is not None:
+            n = min(n, left)
+        self.pending -= n
+        self.window_bytes += n
+        self.sent_total += n
+        self._advance(n / self.bandwidth)
+
+    def complete(self) -> None:
+        self.completed_at = self.t
+        self.pending_at_completion = self.pending
+
+    def pass_done(self) -> None:
+        self.passes += 1
+        if self.passes > 1_000_000:
+            raise AssertionError("the loop spins without time passing")
+
+    def close_window(self, window_start: float) -> float:
+        ms = (self.t - window_start) * 1000
+        w = switchover.close_window(self.window_bytes, 0, ms)
+        self.threshold = switchover.threshold_size(w.bandwidth_bytes_per_ms,
+                                                   self.downtime_limit_ms)
+        self.windows.append(self.window_bytes)
+        self.window_bytes = 0
+        return self.t
+
+    def wait(self, seconds: float) -> None:
+        self.waits.append((self.t, seconds))
+        end = self.t + seconds
+        if self.ack_at is not None and self.t < self.ack_at <= end:
+            end = self.ack_at                 # the ACK wakes the migration thread
+        self._advance(end - self.t)
+
+
+def run(model: Model) -> Model:
+    policy.migration_iterate_until_complete(model)
+    return model
+
+
+# -- the loop in virtual time --------------------------------------------------------
+
+def test_converges_when_the_link_outruns_the_guest():
+    m = run(Model(dirty_rate=200e6))
+    assert m.completed_at is not None and m.completed_at < 5
+    assert m.pending_at_completion is not None
+    assert m.pending_at_completion < m.threshold
+    # The threshold is what the link moves within downtime-limit.
+    assert m.threshold == pytest.approx(1e9 * 0.3, rel=0.05)
+
+
+def test_never_completes_when_the_guest_outruns_the_link():
+    m = Model(ram=2 << 30, bandwidth=1e8, dirty_rate=5e8, horizon=30)
+    with pytest.raises(Horizon):
+        run(m)
+    assert m.completed_at is None
+    assert m.syncs == 0 or m.pending >= m.threshold
+
+
+def test_idle_guest_completes_after_one_full_pass():
+    m = run(Model(ram=64 << 20))
+    assert m.completed_at is not None
+    assert m.sent_total == 64 << 20
+    assert m.pending_at_completion == 0
+
+
+def test_a_pass_that_sent_nothing_completes_at_once():
+    """Nothing pending: the first pass syncs, finds nothing and completes
+    without an iteration."""
+    m = run(Model(ram=0))
+    assert m.completed_at == pytest.approx(m.sync_cost)
+    assert m.iterations == 0 and m.syncs == 1
+
+
+def test_waits_for_the_switchover_ack_without_spinning():
+    m = run(Model(ram=64 << 20, dirty_rate=1e6, ack_users=1, ack_at=3.0))
+    assert m.completed_at is not None
+    # Completion follows the ACK, within one bounded wait (<= 50 ms) and a pass.
+    assert 3.0 <= m.completed_at < 3.0 + 0.05 + 0.01
+    ack_waits = [s for t, s in m.waits if t < 3.0]
+    assert ack_waits and all(0.005 <= s <= 0.05 for s in ack_waits)
+    # About 3 s of waiting in steps of >= 5 ms: hundreds of passes, not QEMU's 165,000.
+    assert m.passes < 3.0 / 0.005 + 100
+
+
+def test_no_ack_needed_when_no_device_uses_it():
+    m = run(Model(ram=64 << 20, ack_users=0, ack_at=None))
+    assert m.completed_at is not None and m.completed_at < 1
+
+
+def test_rate_limit_holds_each_window_to_its_budget():
+    limit = 100 << 20                      # 100 MiB/s -> 10 MiB per 100 ms window
+    m = run(Model(ram=256 << 20, max_bandwidth=limit))
+    assert m.completed_at is not None
+    full = m.windows[:-1]
+    assert full and all(b <= limit // 10 for b in full)
+    # What went before the switchover went at 100 MiB/s, not at the link's 1 GB/s;
+    # the threshold is the measured (limited) rate times downtime-limit: ~30 MiB.
+    assert m.threshold == pytest.approx(limit * 0.3, rel=0.05)
+    precopy = (256 << 20) - m.pending_at_completion
+    assert m.completed_at >= precopy / limit - 0.1
+    assert any(s > 0 for _, s in m.waits)
+
+
+# -- the decision functions --------------------------------------------------------
+
+def stats(**kw) -> policy.IterationStats:
+    base = dict(now=0.0, window_start=0.0, pending=10, pending_exact=False, threshold=100,
+                can_switchover=True, rate_exceeded=False)
+    base.update(kw)
+    return policy.IterationStats(**base)  # type: ignore[arg-type]
+
+
+def test_sync_only_near_the_threshold():
+    assert policy.migration_iteration_run(stats(pending=1000)) == policy.Iterate()
+    assert policy.migration_iteration_run(stats(pending=100)) == policy.Sync()
+    assert policy.migration_iteration_run(stats(pending=50, pending_exact=True)) == \
+        policy.Complete()
+
+
+def test_rate_exceeded_sends_nothing():
+    assert policy.migration_iteration_run(stats(pending=1000, rate_exceeded=True)) == \
+        policy.Idle()
+
+
+def test_pass_end_closes_the_window_then_waits():
+    assert policy.migration_rate_limit(stats(now=0.1), waited_for_ack=True) == \
+        policy.CloseWindow()
+    assert policy.migration_rate_limit(stats(now=0.04, rate_exceeded=True),
+                                       waited_for_ack=False) == \
+        policy.Wait(pytest.approx(0.06), "rate-limit")
+    assert policy.migration_rate_limit(stats(now=0.04), waited_for_ack=True) == \
+        policy.Wait(0.05, "switchover-ack")
+    assert policy.migration_rate_limit(stats(now=0.04), waited_for_ack=False) is None
+
+
+@given(pending=st.integers(0, 1 << 40), threshold=st.integers(0, 1 << 40),
+       exact=st.booleans(), can=st.booleans(), rate=st.booleans())
+def test_complete_only_when_it_fits_after_a_sync(pending, threshold, exact, can, rate):
+    action = policy.migration_iteration_run(stats(
+        pending=pending, threshold=threshold, pending_exact=exact, can_switchover=can,
+        rate_exceeded=rate))
+    if isinstance(action, policy.Complete):
+        assert exact and can and (pending == 0 or pending < threshold)
+    if isinstance(action, policy.Sync):
+        assert not exact and pending <= threshold
+    if isinstance(action, policy.Iterate):
+        assert not rate
