@@ -213,20 +213,23 @@ async def send_hostile(fleet: Fleet, data: bytes, *, close: bool, name: str = "d
 
 
 async def assert_hung_up(sock: socket.socket, timeout: float = 5.0) -> None:
-    """The destination closed the connection (EOF or reset), i.e. it did not hang."""
-    sock.settimeout(0)
+    """The destination closed the connection (EOF or reset), i.e. it did not hang.
+
+    Reads with the event loop (woken when the socket is readable, no polling)
+    until EOF or a reset, within ``timeout``."""
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if sock.recv(65536) == b"":
-                return
-        except BlockingIOError:
-            pass
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536),
+                                          max(0.0, deadline - time.monotonic()))
         except ConnectionResetError:
             return
-        if time.monotonic() > deadline:
-            raise AssertionError("the destination kept the connection open")
-        await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise AssertionError("the destination kept the connection open") from None
+        if data == b"":
+            return
 
 
 async def check_refused(fleet: Fleet, data: bytes, close: bool, cause: str) -> None:
