@@ -8,7 +8,12 @@ illegal transition and tells the caller whether a ``MIGRATION`` event is due.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from livemig.qapi.capabilities import Capabilities
 
 
 class MigrationStatus(StrEnum):
@@ -102,6 +107,8 @@ class AnnouncesStatus:
     (QEMU's migrate_set_state with migrate_generate_event)."""
 
     sm: StatusMachine
+    caps: Capabilities
+    emit: Callable[[str, dict | None], None]
 
     @property
     def status(self) -> MigrationStatus:
@@ -109,7 +116,7 @@ class AnnouncesStatus:
 
     def _set(self, old: MigrationStatus, new: MigrationStatus) -> bool:
         if self.sm.set(old, new):
-            if self.caps.get("events"):  # type: ignore[attr-defined]
-                self.emit("MIGRATION", {"status": new.value})  # type: ignore[attr-defined]
+            if self.caps.events:
+                self.emit("MIGRATION", {"status": new.value})
             return True
         return False
