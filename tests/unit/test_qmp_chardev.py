@@ -26,3 +26,10 @@ def test_spec_forms() -> None:
         "tcp", "", 4444, False, True)
     spec = parse_qmp_spec("tcp:[::1]:0,server=on")
     assert (spec.host, spec.port, spec.wait) == ("::1", 0, True)
+
+
+def test_qmp_options_use_the_shared_qemuopts_parser() -> None:
+    spec = parse_qmp_spec("unix:/tmp/a,,b.sock,server=on,nowait")
+    assert spec.path == "/tmp/a,b.sock" and spec.wait is False
+    with pytest.raises(ValueError, match="unsupported option 'bogus'"):
+        parse_qmp_spec("unix:/tmp/q.sock,server=on,nobogus")

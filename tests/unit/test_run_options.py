@@ -61,3 +61,8 @@ def test_prealloc_makes_every_page_resident():
         assert not ram.pages.any()                  # and still all zero
     finally:
         ram.close()
+
+
+def test_device_values_take_qemuopts_double_comma():
+    opts = parse_run_args(["-device", "accel,id=a,,b,size=1M,init-size=0"])
+    assert opts.devices[0].id == "a,b" and opts.devices[0].size == 1 << 20

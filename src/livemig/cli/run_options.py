@@ -177,21 +177,15 @@ def _parse_global(value: str) -> tuple[str, str, str]:
 
 
 def _parse_device(spec: str) -> AccelDeviceConfig:
-    """``-device accel,id=...`` through the QemuOpts parser (``driver`` implied).
-
-    AccelDeviceConfig.parse still splits on ',' itself, so the parsed options
-    are handed over re-joined; a value holding a ',' cannot be passed on.
-    """
+    """``-device accel,id=...`` through the QemuOpts parser (``driver`` implied)."""
     opts = Opts.parse(spec, "driver")
     driver = opts.get("driver")
     if driver is None or not opts.pairs or opts.pairs[0][0] != "driver":
         raise QapiError("Parameter 'driver' is missing")
-    for key, val in opts.pairs[1:]:
-        if "," in val:
-            raise QapiError(f"Property '{driver}.{key}' does not accept ',' in livemig")
+    for key, _ in opts.pairs[1:]:
         if key == "driver":
             raise QapiError(INVALID_PARAMETER % key)
-    return AccelDeviceConfig.parse(",".join([driver, *(f"{k}={v}" for k, v in opts.pairs[1:])]))
+    return AccelDeviceConfig.from_opts(driver, opts.pairs[1:])
 
 
 def _parse_drive(spec: str) -> GuestConfig:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from livemig.machine.guest import parse_size
+from livemig.qapi.opts import parse_opts
 
 CHUNK_BYTES = 64 * 1024  # dirty-tracking granule of device memory
 
@@ -33,14 +34,18 @@ class AccelDeviceConfig:
     @classmethod
     def parse(cls, spec: str) -> AccelDeviceConfig:
         """Parse ``accel,id=acc0,size=64M,init-size=4M,prepare-ms=400[,dirty-rate=MB/s]``."""
-        parts = spec.split(",")
-        if parts[0] != "accel":
-            raise ValueError(f"'{parts[0]}' is not a valid device model name")
+        pairs = parse_opts(spec, implied_key="driver")
+        if not pairs or pairs[0][0] != "driver":
+            raise ValueError("Parameter 'driver' is missing")
+        return cls.from_opts(pairs[0][1], pairs[1:])
+
+    @classmethod
+    def from_opts(cls, driver: str, pairs: list[tuple[str, str]]) -> AccelDeviceConfig:
+        """From ``-device`` options already split by the QemuOpts parser."""
+        if driver != "accel":
+            raise ValueError(f"'{driver}' is not a valid device model name")
         kw: dict[str, object] = {}
-        for item in parts[1:]:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"device option '{item}' needs a value")
+        for key, value in pairs:
             if key == "id":
                 kw["id"] = value
             elif key == "size":

@@ -6,9 +6,9 @@ into a :class:`ListenSpec` that :class:`~livemig.qmp.server.QMPServer`
 binds, and refuses what livemig does not support with a ValueError that
 names the spec.
 
-The QemuOpts splitting (``,`` separates, ``,,`` is a literal comma) is one
-function, ``_split_qemu_opts``, called once: a shared QemuOpts parser
-(``livemig.qapi.opts``) is meant to replace it with a one-line change.
+The options are QemuOpts, split by the one shared parser
+(``livemig.qapi.opts``: ``,`` separates, ``,,`` is a literal comma,
+``foo``/``nofoo`` mean ``foo=on``/``foo=off``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Final
+
+from livemig.qapi.opts import parse_opts
 
 _BOOL_TRUE: Final = frozenset({"on", "yes", "true", "y"})
 _BOOL_FALSE: Final = frozenset({"off", "no", "false", "n"})
@@ -44,31 +46,6 @@ class ListenSpec:
     family: int = socket.AF_UNSPEC
 
 
-def _split_qemu_opts(text: str) -> list[str]:
-    """Split QemuOpts text on ',' where ',,' stands for a literal comma.
-
-    The only QemuOpts splitting of this module, so that the shared parser
-    (``livemig.qapi.opts``) can take its place in one line.
-    """
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if text.startswith(",,", i):
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
 def _parse_bool(spec: str, name: str, value: str) -> bool:
     if value in _BOOL_TRUE:
         return True
@@ -90,21 +67,21 @@ def parse_qmp_spec(spec: str) -> ListenSpec:
         kind, rest = "tcp", spec[4:]
     else:
         raise ValueError(f"-qmp {spec}: unsupported chardev; livemig supports {_SUPPORTED_FORMS}")
-    fields = _split_qemu_opts(rest)
-    address, options = fields[0], fields[1:]
+    # As QEMU's qemu_chr_parse_compat: unix: is QemuOpts with the path as its
+    # implied key; tcp: is HOST:PORT up to the first comma, then QemuOpts.
+    if kind == "unix":
+        pairs = parse_opts(rest, implied_key="path")
+        address = next((v for k, v in pairs if k == "path"), "")
+    else:
+        address, _, options = rest.partition(",")
+        pairs = parse_opts(options)
     values: dict[str, bool] = {}
-    for option in options:
-        if "=" in option:
-            name, value = option.split("=", 1)
-            if name not in _SOCKET_OPTIONS:
-                raise ValueError(f"-qmp {spec}: unsupported option '{name}'")
-            values[name] = _parse_bool(spec, name, value)
-        elif option in _SOCKET_OPTIONS:
-            values[option] = True
-        elif option.startswith("no") and option[2:] in _SOCKET_OPTIONS:
-            values[option[2:]] = False
-        else:
-            raise ValueError(f"-qmp {spec}: unsupported option '{option}'")
+    for name, value in pairs:
+        if name == "path" and kind == "unix":
+            continue
+        if name not in _SOCKET_OPTIONS:
+            raise ValueError(f"-qmp {spec}: unsupported option '{name}'")
+        values[name] = _parse_bool(spec, name, value)
     if not values.get("server", False):
         raise ValueError(f"-qmp {spec}: only listening sockets are supported, add server=on")
     wait = values.get("wait", True)
