@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,19 +65,18 @@ from livemig.wire import (
     SectionType,
     encode_blob,
     encode_command,
-    encode_configuration,
     encode_eof,
     encode_footer,
-    encode_header,
     encode_ping,
-    encode_ram_block_list,
     encode_ram_eos,
     encode_ram_pages,
     encode_ram_zero_pages,
-    encode_section_header,
     encode_vmdesc,
 )
 from livemig.wire.constants import BE32, BE64
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: streams.py
+from streams import preamble, ram_stream_start, section  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,16 +95,11 @@ def fleet(tmp_path):
 
 # -- building streams --------------------------------------------------------------------------
 
-PRE = encode_header() + encode_configuration(MACHINE_TYPE)
-
-
-def section(type_: SectionType, sid: int, idstr: str | None = None, version: int = 1) -> bytes:
-    return encode_section_header(type_, sid, idstr, 0, version)
+PRE = preamble(MACHINE_TYPE)
 
 
 def ram_start(blocks=(("pc.ram", RAM),)) -> bytes:
-    return (PRE + section(SectionType.SECTION_START, 0, "ram", 4)
-            + encode_ram_block_list(list(blocks)))
+    return ram_stream_start(blocks, sid=0, machine_type=MACHINE_TYPE)
 
 
 RAM_SETUP = ram_start() + encode_ram_eos() + encode_footer(0)
@@ -127,10 +122,10 @@ HOSTILE = {
     "bad-magic": (b"QEVX\0\0\0\3", False, r"Not a migration stream \(at stream offset 0\)"),
     "version-2": (b"QEVM\0\0\0\2", False, r"SaveVM v2 format is obsolete and don't work anymore"),
     "version-4": (b"QEVM\0\0\0\4", False, r"Unsupported migration stream version"),
-    "no-configuration": (encode_header() + encode_eof(), False,
+    "no-configuration": (preamble(None) + encode_eof(), False,
                          r"Configuration section missing"),
     # (a configuration is only complete once the next byte shows no subsection follows)
-    "machine-type": (encode_header() + encode_configuration("pc-q35-10.0") + encode_eof(), False,
+    "machine-type": (preamble("pc-q35-10.0") + encode_eof(), False,
                      r"Machine type received is 'pc-q35-10\.0' and local is 'livemig-pc-10\.0'"),
     "unknown-section": (PRE + section(SectionType.SECTION_FULL, 3, "floppy"), False,
                         r"Unknown savevm section or instance 'floppy' 0\. Make sure that your "
@@ -170,7 +165,7 @@ HOSTILE = {
     "section-version-too-new": (PRE + section(SectionType.SECTION_START, 0, "ram", 5), False,
                                 r"savevm: unsupported version 5 for 'ram' v4"),
     # lengths far beyond anything real: refused before a byte of the payload arrives
-    "oversize-machine-type": (encode_header() + b"\x07" + BE32.pack(0xFFFFFFFF), False,
+    "oversize-machine-type": (preamble(None) + b"\x07" + BE32.pack(0xFFFFFFFF), False,
                               r"Machine type name of 4294967295 bytes exceeds the limit"),
     "oversize-blob": (PRE + section(SectionType.SECTION_FULL, 2, "globalstate")
                       + BE32.pack(0xFFFFFFFF), False,

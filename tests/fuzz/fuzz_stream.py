@@ -30,12 +30,9 @@ with atheris.instrument_imports(include=["livemig"]):
         StreamError,
         encode_blob,
         encode_command,
-        encode_configuration,
         encode_eof,
         encode_footer,
-        encode_header,
         encode_pong,
-        encode_ram_block_list,
         encode_ram_eos,
         encode_ram_pages,
         encode_ram_zero_pages,
@@ -48,12 +45,13 @@ with atheris.instrument_imports(include=["livemig"]):
         encode_x_error,
     )
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/
+from streams import ram_stream_start  # noqa: E402
+
 KINDS = {"ram": PayloadKind.RAM, "vfio": PayloadKind.TAGGED, "serial": PayloadKind.BLOB}
 BLOCKS = [("pc.ram", 16 * 4096), ("pc.bios", 2 * 4096)]
 # A valid prefix so that mutations also reach the RAM and section states quickly.
-PREFIX = (encode_header() + encode_configuration("pc-q35-10.0")
-          + encode_section_header(SectionType.SECTION_START, 1, "ram", 0, 4)
-          + encode_ram_block_list(BLOCKS))
+PREFIX = ram_stream_start(BLOCKS, sid=1)
 INTERNAL_PREFIXES = ("Malformed migration stream (decoder", "Malformed return path message")
 
 

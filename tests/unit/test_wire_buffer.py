@@ -3,6 +3,9 @@ and exact absolute offsets across all of them."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,12 +18,13 @@ from livemig.wire import (
     StreamDecoder,
     StreamError,
     encode_blob,
-    encode_configuration,
     encode_footer,
-    encode_header,
     encode_section_header,
 )
 from livemig.wire.buffer import ReceiveBuffer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: streams.py
+from streams import preamble  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,7 +70,7 @@ def test_commit_checks_the_lent_size_and_zero_means_end_of_data():
 
 def test_buffer_grows_for_a_large_item_fed_in_small_pieces():
     blob = bytes(range(256)) * 4096  # 1 MiB
-    raw = (encode_header() + encode_configuration("m")
+    raw = (preamble("m")
            + encode_section_header(SectionType.SECTION_FULL, 1, "dev", 0, 1)
            + encode_blob(blob) + encode_footer(1)
            + encode_section_header(SectionType.SECTION_FULL, 2, "dev", 0, 1)
@@ -100,7 +104,7 @@ def test_capacity_returns_to_the_initial_size_after_a_large_item():
 def test_error_offsets_are_absolute_after_compaction():
     body = b"".join(encode_section_header(SectionType.SECTION_FULL, i, "dev", 0, 1)
                     + encode_blob(bytes(100)) + encode_footer(i) for i in range(200))
-    raw = encode_header() + encode_configuration("m") + body
+    raw = preamble("m") + body
     dec = StreamDecoder({"dev": PayloadKind.BLOB}, buffer_size=256)
     for i in range(0, len(raw), 77):
         dec.receive_data(raw[i:i + 77])

@@ -8,6 +8,9 @@ the decoder's safety net for its own bugs never fires.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,9 +31,7 @@ from livemig.wire import (
     encode_configuration,
     encode_eof,
     encode_footer,
-    encode_header,
     encode_ping,
-    encode_ram_block_list,
     encode_ram_eos,
     encode_ram_pages,
     encode_ram_zero_pages,
@@ -41,14 +42,16 @@ from livemig.wire import (
 )
 from livemig.wire.constants import BE32, BE64
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: streams.py
+from streams import preamble, ram_section_start  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 PAGE = 4096
 KINDS = {"ram": PayloadKind.RAM, "vfio": PayloadKind.TAGGED, "serial": PayloadKind.BLOB}
 BLOCKS = [("pc.ram", 16 * PAGE), ("pc.bios", 2 * PAGE)]
-PRE = encode_header() + encode_configuration("pc-q35-10.0")
-RAM_START = (encode_section_header(SectionType.SECTION_START, 1, "ram", 0, 4)
-             + encode_ram_block_list(BLOCKS))
+PRE = preamble("pc-q35-10.0")
+RAM_START = ram_section_start(1, BLOCKS)
 INTERNAL = "Malformed migration stream (decoder"
 
 
@@ -113,27 +116,27 @@ def test_unknown_version():
 
 
 def test_configuration_missing():
-    err = first_error(encode_header() + encode_eof())
+    err = first_error(preamble(None) + encode_eof())
     assert (err.message, err.offset) == ("Configuration section missing", 8)
 
 
 def test_oversized_machine_type_is_refused_before_its_bytes_arrive():
-    err = first_error(encode_header() + b"\x07" + BE32.pack(0xFFFFFFFF))
+    err = first_error(preamble(None) + b"\x07" + BE32.pack(0xFFFFFFFF))
     assert "exceeds the limit" in err.message and err.offset == 9
 
 
 def test_unknown_configuration_subsection():
-    raw = encode_header() + encode_configuration("m") + b"\x05\x1econfiguration/target-page-bits"
+    raw = preamble("m") + b"\x05\x1econfiguration/target-page-bits"
     err = first_error(raw + BE32.pack(1) + BE32.pack(12))
     assert err.message == ("VM subsection 'configuration/target-page-bits' in 'configuration' "
                            "does not exist")
-    assert err.offset == len(encode_header() + encode_configuration("m"))
+    assert err.offset == len(preamble("m"))
 
 
 def test_uuid_subsection_version_too_new():
     raw = encode_configuration("m", bytes(16))
     raw = raw[:-20] + BE32.pack(2) + raw[-16:]
-    err = first_error(encode_header() + raw)
+    err = first_error(preamble(None) + raw)
     assert err.message == ("configuration/uuid: incoming version_id 2 is too new for local "
                            "version_id 1")
 

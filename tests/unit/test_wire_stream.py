@@ -9,6 +9,8 @@ batch boundaries legitimately depend on the chunking.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +61,9 @@ from livemig.wire import (
     encode_tagged_marker,
     encode_vmdesc,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: streams.py
+from streams import preamble, ram_stream_start  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -397,7 +402,7 @@ def test_offset_property_tracks_decoded_bytes():
 
 
 def test_section_footers_off():
-    raw = (encode_header() + encode_configuration("pc-i440fx-2.3")
+    raw = (preamble("pc-i440fx-2.3")
            + encode_section_header(SectionType.SECTION_FULL, 4, "serial", 0, 1)
            + encode_blob(b"x") + encode_eof())
     dec = StreamDecoder(KINDS, section_footers=False)
@@ -410,7 +415,7 @@ def test_section_footers_off():
 
 
 def test_without_configuration():
-    raw = encode_header() + encode_eof()
+    raw = preamble(None) + encode_eof()
     dec = StreamDecoder(KINDS, expect_configuration=False)
     dec.receive_data(raw)
     assert [dec.next_event(), dec.next_event()] == [Header(3), Eof()]
@@ -418,7 +423,7 @@ def test_without_configuration():
 
 def test_part_resolves_idstr_from_a_full_section_id():
     """QEMU resolves PART/END by load_section_id, which FULL sets too."""
-    raw = (encode_header() + encode_configuration("m")
+    raw = (preamble("m")
            + encode_section_header(SectionType.SECTION_FULL, 9, "serial", 1, 1)
            + encode_blob(b"") + encode_footer(9)
            + encode_section_header(SectionType.SECTION_PART, 9) + encode_blob(b"y")
@@ -432,10 +437,8 @@ def test_part_resolves_idstr_from_a_full_section_id():
 
 
 def test_multifd_flush_record_is_a_sync_event():
-    raw = (encode_header() + encode_configuration("m")
-           + encode_section_header(SectionType.SECTION_START, 0, "ram", 0, 4)
-           + encode_ram_block_list(BLOCKS) + (0x200).to_bytes(8, "big") + encode_ram_eos()
-           + encode_footer(0))
+    raw = (ram_stream_start(BLOCKS, sid=0, machine_type="m") + (0x200).to_bytes(8, "big")
+           + encode_ram_eos() + encode_footer(0))
     dec = StreamDecoder(KINDS)
     dec.receive_data(raw)
     events = []
@@ -465,9 +468,7 @@ def test_last_block_persists_across_sections():
 
 
 def ram_prefix(blocks=BLOCKS) -> bytes:
-    return (encode_header() + encode_configuration("pc-q35-10.0")
-            + encode_section_header(SectionType.SECTION_START, 1, "ram", 0, 4)
-            + encode_ram_block_list(blocks))
+    return ram_stream_start(blocks, sid=1)
 
 
 @pytest.mark.timeout(30)
