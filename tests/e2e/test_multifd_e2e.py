@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from e2e_helpers import wait_migration_status
 
 from livemig.cli.driver import Vm, VmSpec
 from livemig.machine.walk_check import check_walk_pattern
@@ -24,7 +25,12 @@ async def pair(tmp_path, channels: int):
         await vm.set_caps(events=True, multifd=True, **{"return-path": True,
                                                         "switchover-ack": True})
         await vm.set_params(multifd_channels=channels)
-    await src.set_params(max_bandwidth=0)
+    # The free-running walk re-dirties its 31 MiB every pass: with the measured
+    # bandwidth, completion would need the channels to move 31 MiB within the
+    # 300 ms downtime limit, a race the load can lose. The switchover decision
+    # assumes 1 GiB/s (avail-switchover-bandwidth; the link is unlimited anyway),
+    # so it completes after the first pass, the guest running until then.
+    await src.set_params(max_bandwidth=0, avail_switchover_bandwidth=1 << 30)
     return src, dst
 
 
@@ -40,11 +46,11 @@ def test_multifd_migration_is_byte_exact(tmp_path, channels):
             # the channels form of migrate, with one main channel
             await src.cmd("migrate", channels=[{"channel-type": "main", "addr": {
                 "transport": "socket", "type": "inet", "host": "127.0.0.1", "port": port}}])
-            info = await src.wait_status(timeout=45)
+            info = await wait_migration_status(src, timeout=45)   # woken by MIGRATION events
             assert info["status"] == "completed", info.get("error-desc")
             assert info["ram"]["multifd-bytes"] > 0
             assert info["x-switchover-ack"]["acked"] is True
-            assert (await dst.wait_status(timeout=15))["status"] == "completed"
+            assert (await wait_migration_status(dst, timeout=15))["status"] == "completed"
             src_mem, dst_mem = await src.pmem(0, 128 * MIB), await dst.pmem(0, 128 * MIB)
             assert src_mem == dst_mem
             walk = np.frombuffer(dst_mem, np.uint8).reshape(-1, 4096)[256:32 * 256, 0]

@@ -30,6 +30,21 @@ def wait_until(pred, timeout=10.0):
         time.sleep(0.001)
 
 
+FUTEX = 202      # x86_64
+
+
+def thread_parked(tid: int) -> bool:
+    """The thread sleeps (state S) inside futex(2): a lock or condition wait."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            nr = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == "S" and nr == str(FUTEX)
+
+
 @pytest.mark.timeout(30)
 def test_walk_writes_a_then_b_and_keeps_pattern(tmp_path):
     ram, log, cpu = make(path=str(tmp_path / "serial"))
@@ -52,7 +67,10 @@ def test_pause_is_prompt_and_memory_is_quiet():
     cpu.pause()
     assert time.monotonic() - t0 < 0.01
     snap = ram.pages[:, 0].copy()
-    time.sleep(0.02)
+    # Not a window of time: wait until the vCPU thread is parked (asleep in a
+    # futex: its condition wait, which only resume() ends), then compare. Any
+    # write after pause() returned would have come before the thread parked.
+    wait_until(lambda: thread_parked(cpu._thread.native_id))
     assert np.array_equal(snap, ram.pages[:, 0])
     cpu.close()
 
