@@ -82,7 +82,28 @@ class Alternate:
     choices: tuple[QapiType, ...]
 
 
-QapiType = str | Enum | Array | Object | Alternate
+@dataclass(frozen=True)
+class Union:
+    """A QAPI flat union: the ``base`` members, then the members of the variant
+    that the ``discriminator`` member (an enum of ``base``) names, in the same
+    JSON object (a variant may be a union itself: ``MigrationAddress``'s
+    ``socket`` is ``SocketAddress``); a value with no variant listed has the
+    base members only. Unexpected keys are checked against all of them, as
+    QEMU's visitor does."""
+
+    name: str
+    base: Object
+    discriminator: str
+    variants: tuple[tuple[str, Object | Union], ...]
+
+    def variant(self, tag: str) -> Object | Union | None:
+        for name, obj in self.variants:
+            if name == tag:
+                return obj
+        return None
+
+
+QapiType = str | Enum | Array | Object | Alternate | Union
 
 
 def members(spec: Mapping[str, QapiType]) -> tuple[Member, ...]:
@@ -110,8 +131,37 @@ def check_type(qtype: object) -> None:
     if isinstance(qtype, str):
         if qtype not in BUILTINS:
             raise ValueError(f"unknown QAPI type {qtype!r}")
-    elif not isinstance(qtype, (Enum, Array, Object, Alternate)):
+    elif not isinstance(qtype, (Enum, Array, Object, Alternate, Union)):
         raise TypeError(f"not a QAPI type: {qtype!r}")
 
 
 STR_OR_NULL: Final = Alternate("StrOrNull", ("str", "null"))
+
+
+# -- MigrationChannel (qapi/migration.json, qapi/sockets.json; QEMU 10.0) -----------
+INET_SOCKET_ADDRESS: Final = struct("InetSocketAddress", {
+    "host": "str", "port": "str", "*numeric": "bool", "*to": "uint16", "*ipv4": "bool",
+    "*ipv6": "bool", "*keep-alive": "bool", "*keep-alive-count": "uint32",
+    "*keep-alive-idle": "uint32", "*keep-alive-interval": "uint32", "*mptcp": "bool"})
+UNIX_SOCKET_ADDRESS: Final = struct("UnixSocketAddress", {
+    "path": "str", "*abstract": "bool", "*tight": "bool"})
+VSOCK_SOCKET_ADDRESS: Final = struct("VsockSocketAddress", {"cid": "str", "port": "str"})
+STRING: Final = struct("String", {"str": "str"})
+SOCKET_ADDRESS_TYPE: Final = Enum("SocketAddressType", ("inet", "unix", "vsock", "fd"))
+SOCKET_ADDRESS: Final = Union(
+    "SocketAddress", struct(None, {"type": SOCKET_ADDRESS_TYPE}), "type",
+    (("inet", INET_SOCKET_ADDRESS), ("unix", UNIX_SOCKET_ADDRESS),
+     ("vsock", VSOCK_SOCKET_ADDRESS), ("fd", STRING)))
+MIGRATION_ADDRESS_TYPE: Final = Enum("MigrationAddressType",
+                                     ("socket", "exec", "rdma", "file"))
+MIGRATION_EXEC_COMMAND: Final = struct("MigrationExecCommand", {"args": Array("str")})
+FILE_MIGRATION_ARGS: Final = struct("FileMigrationArgs", {"filename": "str",
+                                                          "offset": "uint64"})
+MIGRATION_ADDRESS: Final = Union(
+    "MigrationAddress", struct(None, {"transport": MIGRATION_ADDRESS_TYPE}), "transport",
+    (("socket", SOCKET_ADDRESS), ("exec", MIGRATION_EXEC_COMMAND),
+     ("rdma", INET_SOCKET_ADDRESS), ("file", FILE_MIGRATION_ARGS)))
+MIGRATION_CHANNEL_TYPE: Final = Enum("MigrationChannelType", ("main", "cpr"))
+MIGRATION_CHANNEL: Final = struct("MigrationChannel", {
+    "channel-type": MIGRATION_CHANNEL_TYPE, "addr": MIGRATION_ADDRESS})
+MIGRATION_CHANNEL_LIST: Final = Array(MIGRATION_CHANNEL)

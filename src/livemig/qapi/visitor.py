@@ -30,6 +30,7 @@ from livemig.qapi.schema import (
     Enum,
     Object,
     QapiType,
+    Union,
 )
 
 INT64_MIN: Final = -(1 << 63)
@@ -88,6 +89,14 @@ def _visit(qtype: QapiType, value: Any, path: _Path, leaf: str | None) -> Any:
         path.parts.append("." + leaf if leaf is not None else "")
         try:
             return _visit_members(qtype, value, path)
+        finally:
+            path.parts.pop()
+    if isinstance(qtype, Union):
+        if not isinstance(value, dict):
+            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "object")
+        path.parts.append("." + leaf if leaf is not None else "")
+        try:
+            return _visit_union(qtype, value, path)
         finally:
             path.parts.pop()
     if isinstance(qtype, Array):
@@ -157,7 +166,33 @@ def _visit_builtin(kind: str, value: Any, path: _Path, leaf: str | None) -> Any:
 
 def _visit_members(obj: Object, value: Mapping[str, Any], path: _Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    known = set()
+    known: set[str] = set()
+    _visit_some_members(obj, value, path, out, known)
+    _check_unexpected(value, known, path)
+    return out
+
+
+def _visit_union(union: Union, value: Mapping[str, Any], path: _Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    known: set[str] = set()
+    _visit_union_members(union, value, path, out, known)
+    _check_unexpected(value, known, path)
+    return out
+
+
+def _visit_union_members(union: Union, value: Mapping[str, Any], path: _Path,
+                         out: dict[str, Any], known: set[str]) -> None:
+    """Base members, then the variant's (a variant may itself be a union)."""
+    _visit_some_members(union.base, value, path, out, known)
+    variant = union.variant(out[union.discriminator])
+    if isinstance(variant, Union):
+        _visit_union_members(variant, value, path, out, known)
+    elif variant is not None:
+        _visit_some_members(variant, value, path, out, known)
+
+
+def _visit_some_members(obj: Object, value: Mapping[str, Any], path: _Path,
+                        out: dict[str, Any], known: set[str]) -> None:
     for member in obj:
         known.add(member.name)
         if member.name not in value:
@@ -165,7 +200,9 @@ def _visit_members(obj: Object, value: Mapping[str, Any], path: _Path) -> dict[s
                 raise _fail(MISSING_PARAMETER, path.name(member.name))
             continue
         out[member.name] = _visit(member.type, value[member.name], path, member.name)
+
+
+def _check_unexpected(value: Mapping[str, Any], known: set[str], path: _Path) -> None:
     for key in value:
         if key not in known:
             raise _fail(UNEXPECTED_PARAMETER, path.name(key))
-    return out

@@ -115,17 +115,20 @@ def _open_file_outgoing(addr: FileAddress) -> FdChannel:
     except OSError as exc:
         raise TransportError(f"Unable to open {addr.filename}: {exc.strerror}",
                              exc.errno) from exc
+    # QEMU hands the uint64 offset to the kernel as off_t: past 2^63 it is negative
+    # and the kernel says EINVAL (QEMU's text names the unsigned value).
+    offset = addr.offset - (1 << 64) if addr.offset >= 1 << 63 else addr.offset
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             try:
-                os.ftruncate(fd, addr.offset)
+                os.ftruncate(fd, offset)
             except OSError as exc:
                 raise TransportError(
                     f"failed to truncate migration file to offset {addr.offset:x}: "
                     f"{exc.strerror}", exc.errno) from exc
         if addr.offset:
             try:
-                os.lseek(fd, addr.offset, os.SEEK_SET)
+                os.lseek(fd, offset, os.SEEK_SET)
             except OSError as exc:
                 raise TransportError(
                     f"Unable to seek to offset {addr.offset} whence {os.SEEK_SET} in file: "

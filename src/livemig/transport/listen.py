@@ -357,8 +357,10 @@ def _open_file_incoming(addr: FileAddress) -> FdChannel:
                              exc.errno) from exc
     try:
         if addr.offset:
+            # off_t, as QEMU: an offset past 2^63 is negative, EINVAL.
+            offset = addr.offset - (1 << 64) if addr.offset >= 1 << 63 else addr.offset
             try:
-                os.lseek(fd, addr.offset, os.SEEK_SET)
+                os.lseek(fd, offset, os.SEEK_SET)
             except OSError as exc:
                 raise TransportError(
                     f"Unable to seek to offset {addr.offset} whence {os.SEEK_SET} in file: "

@@ -23,7 +23,9 @@ from livemig.qapi.errors import (
     NEED_URI_OR_CHANNELS,
     QapiError,
 )
+from livemig.qapi.schema import MIGRATION_CHANNEL_LIST
 from livemig.qapi.string_input import qemu_strtosz
+from livemig.qapi.visitor import visit
 from livemig.transport.errors import TransportError
 
 # exec: URIs run their command line through the shell, as QEMU does on POSIX.
@@ -166,19 +168,11 @@ def _parse_file(spec: str) -> FileAddress:
     return FileAddress(spec[:at], offset)
 
 
-_UINT64_MAX = (1 << 64) - 1
-
-
 def parse_size(text: str) -> int:
     """QEMU's ``qemu_strtosz`` (``livemig.qapi.string_input``), failing with TransportError.
 
     ``errno`` is EINVAL (malformed) or ERANGE (negative, or > 2**64-1).
     """
-    if text.lstrip(" \t\n\v\f\r").startswith("-"):
-        # Compatibility shim: QEMU 10.0.2 says ERANGE ("file URI has bad offset -1:
-        # Numerical result out of range"), but tests/unit/test_transport.py still
-        # expects EINVAL; drop this once that test follows the binary.
-        raise TransportError(os.strerror(_errno.EINVAL), _errno.EINVAL)
     try:
         return qemu_strtosz(text)
     except QapiError as exc:
@@ -228,129 +222,46 @@ def address_to_channel(addr: Address, channel_type: str = "main") -> dict[str, A
     return {"channel-type": channel_type, "addr": mig}
 
 
-class _QapiObject:
-    """Reads one QAPI object out of a QMP dict, with QEMU's input-visitor errors.
-
-    ``path`` is the visitor's full name (``channels[0].addr``); every member
-    read is remembered so that ``check_unexpected`` can name the first extra.
-    """
-
-    def __init__(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise TransportError(f"Invalid parameter type for '{path}', expected: object")
-        self.value = value
-        self.path = path
-        self.seen: set[str] = set()
-
-    def _name(self, key: str) -> str:
-        return f"{self.path}.{key}"
-
-    def get(self, key: str, kind: str, required: bool = True) -> Any:
-        self.seen.add(key)
-        if key not in self.value:
-            if required:
-                raise TransportError(f"Parameter '{self._name(key)}' is missing")
-            return None
-        value = self.value[key]
-        ok = {
-            "string": isinstance(value, str),
-            "boolean": isinstance(value, bool),
-            "integer": isinstance(value, int) and not isinstance(value, bool),
-            "object": isinstance(value, dict),
-            "array": isinstance(value, list),
-        }[kind]
-        if not ok:
-            raise TransportError(
-                f"Invalid parameter type for '{self._name(key)}', expected: {kind}")
-        return value
-
-    def get_enum(self, key: str, values: tuple[str, ...]) -> str:
-        value = self.get(key, "string")
-        if value not in values:
-            raise TransportError(
-                f"Parameter '{self._name(key)}' does not accept value '{value}'")
-        return value
-
-    def get_uint64(self, key: str) -> int:
-        value = self.get(key, "integer")
-        if not 0 <= value <= _UINT64_MAX:
-            raise TransportError(f"Parameter '{self._name(key)}' expects uint64")
-        return value
-
-    def skip_optional(self, members: dict[str, str]) -> None:
-        for key, kind in members.items():
-            self.get(key, kind, required=False)
-
-    def check_unexpected(self) -> None:
-        for key in self.value:
-            if key not in self.seen:
-                raise TransportError(f"Parameter '{self._name(key)}' is unexpected")
-
-
-# Optional members livemig accepts and ignores (QAPI InetSocketAddress, 10.0).
-_INET_OPTIONAL = {
-    "numeric": "boolean", "to": "integer", "ipv4": "boolean", "ipv6": "boolean",
-    "keep-alive": "boolean", "keep-alive-count": "integer", "keep-alive-idle": "integer",
-    "keep-alive-interval": "integer", "mptcp": "boolean",
-}
-_UNIX_OPTIONAL = {"abstract": "boolean", "tight": "boolean"}
-
-
-def _parse_migration_address(value: Any, path: str) -> Address | None:
-    """One QAPI ``MigrationAddress``; None for a transport livemig cannot serve."""
-    obj = _QapiObject(value, path)
-    transport = obj.get_enum("transport", ("socket", "exec", "rdma", "file"))
-    addr: Address | None = None
+def _migration_address(addr: dict[str, Any]) -> Address | None:
+    """One visited ``MigrationAddress``; None for a transport livemig cannot serve."""
+    transport = addr["transport"]
     if transport == "socket":
-        kind = obj.get_enum("type", ("inet", "unix", "vsock", "fd"))
+        kind = addr["type"]
         if kind == "inet":
-            addr = InetAddress(obj.get("host", "string"), obj.get("port", "string"))
-            obj.skip_optional(_INET_OPTIONAL)
-        elif kind == "unix":
-            addr = UnixAddress(obj.get("path", "string"))
-            obj.skip_optional(_UNIX_OPTIONAL)
-        elif kind == "vsock":
-            obj.get("cid", "string")
-            obj.get("port", "string")
-        else:
-            addr = FdAddress(obj.get("str", "string"))
-    elif transport == "exec":
-        args = obj.get("args", "array")
-        for i, arg in enumerate(args):
-            if not isinstance(arg, str):
-                raise TransportError(
-                    f"Invalid parameter type for '{path}.args[{i}]', expected: string")
-        addr = ExecAddress(args)
-    elif transport == "rdma":
-        obj.get("host", "string")
-        obj.get("port", "string")
-        obj.skip_optional(_INET_OPTIONAL)
-    else:
-        addr = FileAddress(obj.get("filename", "string"), obj.get_uint64("offset"))
-    obj.check_unexpected()
-    return addr
+            return InetAddress(addr["host"], addr["port"])
+        if kind == "unix":
+            return UnixAddress(addr["path"])
+        if kind == "fd":
+            return FdAddress(addr["str"])
+        return None                                     # vsock
+    if transport == "exec":
+        return ExecAddress(addr["args"])
+    if transport == "file":
+        return FileAddress(addr["filename"], addr["offset"])
+    return None                                         # rdma
 
 
-def address_from_channels(channels: list[Any], *, incoming: bool = False,
+def address_from_channels(channels: Any, *, incoming: bool = False,
                           argument: str = "channels") -> Address:
     """The ``main`` address of a QMP ``channels`` list (``migrate_channels_parse``).
 
-    ``incoming=True`` applies ``migrate-incoming``'s rule: exactly one entry.
-    A ``cpr`` entry is accepted (and ignored) by ``migrate``.
+    The list is visited against QEMU's ``MigrationChannel`` schema by the one
+    QAPI visitor (QEMU's texts). ``incoming=True`` applies
+    ``migrate-incoming``'s rule: exactly one entry. A ``cpr`` entry is
+    accepted (and ignored) by ``migrate``.
     """
-    if not isinstance(channels, list):
-        raise TransportError(f"Invalid parameter type for '{argument}', expected: array")
-    if incoming and len(channels) > 1:
+    try:
+        visited = visit(MIGRATION_CHANNEL_LIST, channels, argument)
+    except QapiError as exc:
+        raise TransportError(exc.desc) from None
+    if incoming and len(visited) > 1:
         raise TransportError(INCOMING_ONE_CHANNEL)
     by_type: dict[str, Address | None] = {}
-    for i, value in enumerate(channels):
-        obj = _QapiObject(value, f"{argument}[{i}]")
-        ctype = obj.get_enum("channel-type", ("main", "cpr"))
-        addr = _parse_migration_address(obj.get("addr", "object"), f"{argument}[{i}].addr")
-        obj.check_unexpected()
+    for channel in visited:
+        ctype = channel["channel-type"]
         if ctype in by_type:
             raise TransportError(f"Channel list has more than one {ctype} entry")
-        by_type[ctype] = addr
+        by_type[ctype] = _migration_address(channel["addr"])
     if "main" not in by_type:
         raise TransportError("Channel list has no main entry")
     main = by_type["main"]
