@@ -82,23 +82,11 @@ def _visit(qtype: QapiType, value: Any, path: _Path, leaf: str | None) -> Any:
             raise _fail(INVALID_ENUM_VALUE, bare, value)
         return value
     if isinstance(qtype, Object):
-        if not isinstance(value, dict):
-            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "object")
-        if qtype.members is None:
+        if isinstance(value, dict) and qtype.members is None:
             return value
-        path.parts.append("." + leaf if leaf is not None else "")
-        try:
-            return _visit_members(qtype, value, path)
-        finally:
-            path.parts.pop()
+        return _visit_object(qtype, value, path, leaf)
     if isinstance(qtype, Union):
-        if not isinstance(value, dict):
-            raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "object")
-        path.parts.append("." + leaf if leaf is not None else "")
-        try:
-            return _visit_union(qtype, value, path)
-        finally:
-            path.parts.pop()
+        return _visit_object(qtype, value, path, leaf)
     if isinstance(qtype, Array):
         if not isinstance(value, list):
             raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "array")
@@ -118,6 +106,19 @@ def _visit(qtype: QapiType, value: Any, path: _Path, leaf: str | None) -> Any:
                 return value
         raise _fail(INVALID_PARAMETER_TYPE, bare, qtype.name)
     return _visit_builtin(qtype, value, path, leaf)
+
+
+def _visit_object(qtype: Object | Union, value: Any, path: _Path, leaf: str | None) -> Any:
+    """A struct or a flat union: a JSON object whose members are named below ``leaf``."""
+    if not isinstance(value, dict):
+        raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "object")
+    path.parts.append("." + leaf if leaf is not None else "")
+    try:
+        if isinstance(qtype, Union):
+            return _visit_union(qtype, value, path)
+        return _visit_members(qtype, value, path)
+    finally:
+        path.parts.pop()
 
 
 def _visit_builtin(kind: str, value: Any, path: _Path, leaf: str | None) -> Any:
