@@ -19,6 +19,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from livemig.cli.guest_clock import SerialObserver, serial_socket_path
+
 QEMU_BINARY = "qemu-system-x86_64"
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -42,6 +44,9 @@ class VmSpec:
     devices: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     boot_image: str | None = None     # QEMU needs the boot sector image
+    walk_tick: int = 0                # a '.' on COM1 every N pages (livemig; QEMU: the image)
+    walk_pace: int = 0                # TSC cycles after each page (livemig; QEMU: the image)
+    serial_socket: bool = False       # -serial unix:...,server=on,wait=off, read by an observer
 
 
 class Vm:
@@ -52,6 +57,8 @@ class Vm:
         self.workdir = workdir
         self.qmp_path = os.path.join(workdir, f"{spec.name}.qmp")
         self.serial_path = os.path.join(workdir, f"{spec.name}.serial")
+        self.serial_sock_path = serial_socket_path(workdir, spec.name)
+        self.serial: SerialObserver | None = None
         self.stderr_path = os.path.join(workdir, f"{spec.name}.stderr")
         self.proc: subprocess.Popen | None = None
         self.qmp = QMPClient(spec.name)
@@ -60,8 +67,10 @@ class Vm:
 
     def argv(self) -> list[str]:
         s = self.spec
+        serial = (f"unix:{self.serial_sock_path},server=on,wait=off" if s.serial_socket
+                  else f"file:{self.serial_path}")
         common = ["-m", s.ram, "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                  "-serial", f"file:{self.serial_path}", "-name", s.name]
+                  "-serial", serial, "-name", s.name]
         if s.incoming:
             common += ["-incoming", s.incoming]
         if s.paused:
@@ -75,6 +84,10 @@ class Vm:
         walk = f"walk,start=1M,end={s.walk_end}"
         if s.walk_rate is not None:
             walk += f",rate={s.walk_rate}"
+        if s.walk_tick:
+            walk += f",tick={s.walk_tick}"
+        if s.walk_pace:
+            walk += f",pace={s.walk_pace}"
         argv = [sys.executable, "-m", "livemig", "run", "-accel", s.accel, "-guest", walk, *common]
         for dev in s.devices:
             argv += ["-device", dev]
@@ -102,6 +115,13 @@ class Vm:
                 raise TimeoutError(f"{spec.name}: QMP socket did not come up")
             await asyncio.sleep(0.02)
         vm._event_task = asyncio.create_task(vm._collect_events())
+        if spec.serial_socket:
+            try:
+                vm.serial = await asyncio.to_thread(SerialObserver, vm.serial_sock_path,
+                                                    timeout=timeout)
+            except BaseException:
+                vm.kill()
+                raise
         return vm
 
     async def _collect_events(self) -> None:
@@ -116,6 +136,9 @@ class Vm:
             return ""
 
     def serial_bytes(self) -> bytes:
+        """What the guest wrote to COM1 (without ticks when a socket observer reads it)."""
+        if self.serial is not None:
+            return self.serial.data()
         try:
             with open(self.serial_path, "rb") as f:
                 return f.read()
@@ -198,6 +221,8 @@ class Vm:
             pass
         if self._event_task is not None:
             self._event_task.cancel()
+        if self.serial is not None:
+            self.serial.close()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
