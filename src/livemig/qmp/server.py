@@ -29,16 +29,22 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from livemig.qmp import errors
-from livemig.qmp.chardev import ListenSpec, parse_qmp_spec
+from livemig.qmp.chardev import (
+    ChardevSpec,
+    ListenSpec,
+    bind_tcp,
+    bind_unix,
+    open_socket,
+    parse_qmp_spec,
+    unlink_socket,
+)
 from livemig.qmp.errors import QMPError, error_fields
 from livemig.qmp.qjson import (
     QEMU_MAX_NESTING,
@@ -148,6 +154,7 @@ class QMPServer:
         self.preconfig = False
         self._listeners: list[_Listener] = []
         self._sessions: set[_Session] = set()
+        self._client_tasks: set[asyncio.Task[None]] = set()  # client-mode connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._inflight = 0  # commands being executed or answered, all clients
@@ -189,14 +196,19 @@ class QMPServer:
 
     # -- listening (QMP loop) --
 
-    async def start(self, spec: str) -> None:
-        """Listen on one ``-qmp`` chardev spec; call once per ``-qmp``.
+    async def start(self, spec: str | ChardevSpec) -> None:
+        """Serve QMP on one socket chardev: a ``-qmp`` spec or a parsed ``-chardev``
+        (``-mon chardev=ID,mode=control``); call once per monitor.
 
-        Raises ValueError for a spec livemig does not support, OSError when
-        the socket cannot be bound. With ``wait=on`` (QEMU's default for
-        ``server=on``) returns only once a first client is connected.
+        ``server=on``: listen (with ``wait=on``, QEMU's default, return only
+        once a first client is connected). ``server=off`` (QEMU's default):
+        connect out and serve that one connection (client mode, as QEMU's
+        Python machine class expects when it listens itself). ``fd=N``: an
+        inherited descriptor, listening or connected (``SO_ACCEPTCONN``).
+        Raises ValueError (ChardevError, QEMU's text) when the spec is wrong
+        or the socket cannot be bound or connected.
         """
-        listen = parse_qmp_spec(spec)
+        listen = parse_qmp_spec(spec) if isinstance(spec, str) else spec
         if self._closing:
             raise RuntimeError("QMP server is closed")
         loop = asyncio.get_running_loop()
@@ -206,86 +218,53 @@ class QMPServer:
         elif self._loop is not loop:
             raise RuntimeError("QMP server already runs on another event loop")
         listener = _Listener(listen)
-        if listen.wait:
-            # Exists before the first accept() can run.
-            listener.first_client = loop.create_future()
+        opened = await loop.run_in_executor(None, open_socket, listen) \
+            if not listen.server and listen.kind != "fd" else open_socket(listen)
+        sock = opened.sock
+        listener.path, listener.inode, listener.port = opened.path, opened.inode, opened.port
         callback = functools.partial(self._on_client, listener)
-        if listen.kind == "unix":
-            assert listen.path is not None
-            sock = self._bind_unix(listen.path)
-            listener.path = listen.path
-            listener.inode = os.stat(listen.path).st_ino
-            try:
-                listener.server = await asyncio.start_unix_server(callback, sock=sock)
-            except BaseException:
-                sock.close()
-                self._unlink(listener)
-                raise
-        else:
-            sock = self._bind_tcp(listen)
-            listener.port = sock.getsockname()[1]
-            try:
-                listener.server = await asyncio.start_server(callback, sock=sock)
-            except BaseException:
-                sock.close()
-                raise
+        try:
+            if opened.listening:
+                if listen.wait:
+                    # Exists before the first accept() can run.
+                    listener.first_client = loop.create_future()
+                if sock.family == socket.AF_UNIX:
+                    listener.server = await asyncio.start_unix_server(callback, sock=sock)
+                else:
+                    listener.server = await asyncio.start_server(callback, sock=sock)
+            else:
+                sock.setblocking(False)
+                if sock.family == socket.AF_UNIX:
+                    reader, writer = await asyncio.open_unix_connection(sock=sock)
+                else:
+                    reader, writer = await asyncio.open_connection(sock=sock)
+                task = loop.create_task(callback(reader, writer))
+                self._client_tasks.add(task)
+                task.add_done_callback(self._client_tasks.discard)
+        except BaseException:
+            sock.close()
+            self._unlink(listener)
+            raise
         self._listeners.append(listener)
-        log.info("QMP listening on %s", self._describe(listener))
+        log.info("QMP %s %s", "listening on" if opened.listening else "connected to",
+                 self._describe(listener))
         if listener.first_client is not None:
             log.info("QMP waiting for connection on %s", self._describe(listener))
             await listener.first_client
 
     @staticmethod
     def _describe(listener: _Listener) -> str:
-        if listener.path is not None:
-            return f"unix:{listener.path}"
-        return f"tcp:{listener.spec.host}:{listener.port}"
+        if listener.port is not None:
+            return f"tcp:{listener.spec.host}:{listener.port}"
+        return listener.spec.describe()
 
     @staticmethod
     def _bind_unix(path: str) -> socket.socket:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ValueError(f"-qmp unix:{path}: file exists and is not a socket")
-            os.unlink(path)  # stale socket from an earlier run, as QEMU does
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            # Before listen(): until then a connect() is refused, so nobody
-            # but the owner ever gets in.
-            os.chmod(path, 0o600)
-            sock.listen(16)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return sock
+        return bind_unix(path)
 
     @staticmethod
-    def _bind_tcp(listen: ListenSpec) -> socket.socket:
-        infos = socket.getaddrinfo(listen.host or None, listen.port, listen.family,
-                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        last: OSError | None = None
-        for family, kind, proto, _, address in infos:  # first that binds, like QEMU
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
-                sock.listen(16)
-                sock.setblocking(False)
-            except OSError as exc:
-                sock.close()
-                last = exc
-                continue
-            return sock
-        raise OSError(last.errno if last else None,
-                      f"-qmp {listen.spec}: Failed to bind socket: "
-                      f"{last.strerror if last else 'no address'}")
+    def _bind_tcp(listen: ChardevSpec) -> socket.socket:
+        return bind_tcp(listen)
 
     # -- clients (QMP loop) --
 
@@ -564,11 +543,4 @@ class QMPServer:
     @staticmethod
     def _unlink(listener: _Listener) -> None:
         """Remove our socket file, unless someone else's has replaced it."""
-        if listener.path is None:
-            return
-        try:
-            st = os.lstat(listener.path)
-            if stat.S_ISSOCK(st.st_mode) and st.st_ino == listener.inode:
-                os.unlink(listener.path)
-        except FileNotFoundError:
-            pass
+        unlink_socket(listener.path, listener.inode)
