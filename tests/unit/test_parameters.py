@@ -9,7 +9,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from livemig.qapi import DEFAULTS, Capabilities, Parameters, QapiError, apply_globals
-from livemig.qapi.parameters import ENUMS, SCHEMA, parse_global_parameter
+from livemig.qapi.parameters import (
+    ENUMS,
+    LIVEMIG_PARAMETERS,
+    QEMU_DEFAULTS,
+    SCHEMA,
+    parse_global_parameter,
+)
 from livemig.qapi.string_input import parse_size, parse_uint64
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,10 +56,14 @@ def error_of(args: dict[str, Any], params: Parameters | None = None, **kw: Any) 
 # --- defaults and order -----------------------------------------------------------------
 
 def test_defaults_equal_qemu_dump_in_member_order() -> None:
-    assert DEFAULTS == EXPECTED_DEFAULTS
-    assert list(DEFAULTS) == list(EXPECTED_DEFAULTS)
+    """QEMU's members first, in QEMU's order and with its defaults; livemig's
+    own (``x-stall-timeout``) after them."""
+    assert QEMU_DEFAULTS == EXPECTED_DEFAULTS
+    assert list(QEMU_DEFAULTS) == list(EXPECTED_DEFAULTS)
     dump = Parameters().as_qmp()
-    assert dump == EXPECTED_DEFAULTS and list(dump) == list(EXPECTED_DEFAULTS)
+    assert list(dump) == [*EXPECTED_DEFAULTS, *LIVEMIG_PARAMETERS]
+    assert {k: dump[k] for k in EXPECTED_DEFAULTS} == EXPECTED_DEFAULTS
+    assert dump["x-stall-timeout"] == 0
 
 
 def test_schema_order_is_migration_parameters_order() -> None:
@@ -336,6 +346,7 @@ def valid_value(name: str) -> st.SearchStrategy[Any]:
         "max-cpu-throttle": (1, 99), "multifd-zlib-level": (0, 9),
         "multifd-qatzip-level": (1, 9), "multifd-zstd-level": (0, 20),
         "x-vcpu-dirty-limit-period": (1, 1000), "vcpu-dirty-limit": (1, U64 - 1),
+        "x-stall-timeout": (0, U64 - 1),
     }
     qtype = SCHEMA[name]
     if name in ranges:

@@ -47,6 +47,10 @@ class Model:
     iterations: int = 0
     waits: list[tuple[float, float]] = field(default_factory=list)
     windows: list[int] = field(default_factory=list)
+    stall_timeout_s: float = 0.0
+    convergence: policy.Convergence = policy.Convergence()
+    failed: str | None = None
+    failed_at: float | None = None
 
     def __post_init__(self) -> None:
         self.pending = self.ram          # the first pass sends everything
@@ -82,13 +86,17 @@ class Model:
             can_switchover=switchover.can_switchover(
                 switchover_ack=self.ack_users > 0, ack_users=self.ack_users,
                 vm_running=True, acked=self._acked()),
-            rate_exceeded=left is not None and left == 0)
+            rate_exceeded=left is not None and left == 0,
+            convergence=self.convergence, stall_timeout_s=self.stall_timeout_s)
 
     def pending_exact(self) -> int:
         self.syncs += 1
         self._advance(self.sync_cost)
         self.pending = min(self.ram, self.pending + int(self.unsynced))
         self.unsynced = 0.0
+        self.convergence = policy.convergence_update(
+            self.convergence, now=self.t, remaining=self.pending, dirty_rate=self.dirty_rate,
+            bandwidth=self.bandwidth, threshold=self.threshold)
         return self.pending
 
     def iterate(self) -> None:
@@ -106,6 +114,9 @@ class Model:
     def complete(self) -> None:
         self.completed_at = self.t
         self.pending_at_completion = self.pending
+
+    def fail(self, desc: str) -> None:
+        self.failed, self.failed_at = desc, self.t
 
     def pass_done(self) -> None:
         self.passes += 1
@@ -242,3 +253,63 @@ def test_complete_only_when_it_fits_after_a_sync(pending, threshold, exact, can,
         assert not exact and pending <= threshold
     if isinstance(action, policy.Iterate):
         assert not rate
+
+
+# -- convergence and stalls ------------------------------------------------------------
+
+def test_a_stall_fails_after_the_timeout_with_its_cause():
+    """The guest outruns the link: after the first pass each sync finds the same
+    dirty set; two syncs and 2 s without a new low is a stall, and the stall
+    fails once it lasted x-stall-timeout."""
+    m = run(Model(ram=512 << 20, bandwidth=2e8, dirty_rate=8e8, stall_timeout_s=1.5,
+                  horizon=120))
+    assert m.completed_at is None and m.failed is not None and m.failed_at is not None
+    c = m.convergence
+    assert c.state == "stalled"
+    assert c.since - c.low_at >= policy.STALL_AFTER_S
+    assert c.since + 1.5 <= m.failed_at < c.since + 1.5 + 0.2
+    assert "faster than the migration sends it" in m.failed
+    assert "800 MB/s" in m.failed and "200 MB/s" in m.failed
+    assert "auto-converge" in m.failed
+
+
+def test_no_timeout_no_failure():
+    m = Model(ram=512 << 20, bandwidth=2e8, dirty_rate=8e8, horizon=20)
+    with pytest.raises(Horizon):
+        run(m)
+    assert m.failed is None and m.convergence.state == "stalled"
+
+
+def test_a_converging_migration_never_stalls():
+    m = run(Model(ram=2 << 30, bandwidth=1e9, dirty_rate=6e8, stall_timeout_s=0.5))
+    assert m.completed_at is not None and m.failed is None
+    assert m.convergence.state == "converging"
+
+
+def test_convergence_update_rules():
+    c = policy.convergence_update(policy.Convergence(), now=1.0, remaining=100 << 20,
+                                  dirty_rate=0, bandwidth=1e8, threshold=10 << 20)
+    assert (c.state, c.since, c.low, c.low_at) == ("converging", 1.0, 100 << 20, 1.0)
+    # 3% lower is no new low; two such syncs 2 s after the low: stalled.
+    c = policy.convergence_update(c, now=2.0, remaining=97 << 20, dirty_rate=1e8,
+                                  bandwidth=1e8, threshold=10 << 20)
+    assert c.state == "converging" and c.low == 100 << 20
+    c = policy.convergence_update(c, now=3.5, remaining=98 << 20, dirty_rate=1e8,
+                                  bandwidth=1e8, threshold=10 << 20)
+    assert (c.state, c.since, c.low_at) == ("stalled", 3.5, 1.0)
+    assert c.projected_s() is None
+    # A real new low ends the stall.
+    c = policy.convergence_update(c, now=4.0, remaining=50 << 20, dirty_rate=5e7,
+                                  bandwidth=1e8, threshold=10 << 20)
+    assert (c.state, c.since) == ("converging", 4.0)
+    assert c.projected_s() == pytest.approx((40 << 20) / 5e7)
+
+
+def test_stall_verdict_names_a_high_remaining_when_rates_are_fine():
+    c = policy.Convergence("stalled", 10.0, 300 << 20, 7.0, 3, 300 << 20, 1e8, 5e8, 50 << 20)
+    assert policy.stall_verdict(c, 10.5, 1.0) is None
+    text = policy.stall_verdict(c, 11.0, 1.0)
+    assert text is not None and "300.0 MiB remain after each pass" in text
+    assert "above the 50.0 MiB that fit" in text
+    assert "no progress for 4000 ms" in text
+    assert policy.stall_verdict(c, 100.0, 0.0) is None        # x-stall-timeout 0: off

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from livemig.migration.policy import Convergence
 from livemig.migration.status import MigrationStatus as S
 
 PAGE_SIZE = 4096
@@ -46,6 +47,8 @@ class SourceStats:
     pages_per_second: float = 0.0
     iterations: int = 0
     windows: list[dict[str, Any]] = field(default_factory=list)
+    bandwidth_bytes_per_s: float = 0.0      # the last window's
+    convergence: Convergence = Convergence()
 
     def add_window(self, window: dict[str, Any]) -> None:
         self.windows.append(window)
@@ -137,6 +140,16 @@ def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
             info["x-switchover-ack"] = ack
         if s.stats.windows:
             info["x-windows"] = s.stats.windows[-WINDOWS_SHOWN:]
+        conv = s.stats.convergence
+        if conv.state != "first-pass" and not done:
+            x: dict[str, Any] = {"state": conv.state, "since-ms": ms(conv.since - t.start),
+                                 "remaining": conv.remaining, "threshold": conv.threshold,
+                                 "dirty-rate": int(conv.dirty_rate),
+                                 "bandwidth": int(conv.bandwidth)}
+            projected = conv.projected_s()
+            if projected is not None:
+                x["projected-ms"] = ms(projected)
+            info["x-convergence"] = x
         if t.checkpoints and t.downtime_start is not None:
             t0 = t.downtime_start
             info["x-downtime-checkpoints"] = {k: round((v - t0) * 1000, 3)

@@ -9,12 +9,13 @@ thread (``source.py``) only gathers the snapshot and carries out the
 action, so the decision is unit-tested in virtual time (``tests/unit/
 test_policy.py``) instead of through real processes and real clocks.
 
-Actions today: :class:`Sync`, :class:`Complete`, :class:`Iterate`,
-:class:`Idle` (the window's budget is spent: send nothing), and after a
-pass :class:`CloseWindow`, :class:`Wait` (for the rate limit, or for the
-destination's switchover ACK) or ``None`` (go on at once). Throttling,
-postcopy and a failure for a migration that cannot converge are actions
-later issues add here, beside these.
+Actions today: :class:`Sync`, :class:`Complete`, :class:`Fail` (stalled
+for ``x-stall-timeout``: :func:`stall_verdict` on the :class:`Convergence`
+folded from each sync), :class:`Iterate`, :class:`Idle` (the window's budget
+is spent: send nothing), and after a pass :class:`CloseWindow`,
+:class:`Wait` (for the rate limit, or for the destination's switchover ACK)
+or ``None`` (go on at once). Throttling and postcopy are actions to add
+here, beside these.
 """
 
 from __future__ import annotations
@@ -25,6 +26,75 @@ from typing import Protocol
 from livemig.migration import switchover
 
 WINDOW_SLACK_MS = 1e-3
+STALL_AFTER_S = 2.0           # no new low of remaining for this long (and 2 syncs): stalled
+NEW_LOW = 0.95                # a new low must be at least 5% under the previous one
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """Is the migration getting anywhere? Judged at each dirty-log sync from
+    what remained after it (QEMU has no such judgement; KubeVirt builds one
+    from outside). Units: bytes, bytes/s, seconds of the engine's clock."""
+
+    state: str = "first-pass"     # first-pass | converging | stalled
+    since: float = 0.0            # when this state began
+    low: int = 0                  # lowest remaining after a sync
+    low_at: float = 0.0           # when that low was reached
+    syncs_since_low: int = 0
+    remaining: int = 0            # after the last sync
+    dirty_rate: float = 0.0       # the guest's, bytes/s
+    bandwidth: float = 0.0        # the link's, bytes/s (last window)
+    threshold: int = 0
+
+    def projected_s(self) -> float | None:
+        """Time to reach the threshold at today's rates (None: never)."""
+        gain = self.bandwidth - self.dirty_rate
+        if gain <= 0:
+            return None
+        return max(0.0, (self.remaining - self.threshold) / gain)
+
+
+def convergence_update(c: Convergence, *, now: float, remaining: int, dirty_rate: float,
+                       bandwidth: float, threshold: int) -> Convergence:
+    """Fold one sync into the judgement: a new low (5% under the last) is
+    progress; two syncs and ``STALL_AFTER_S`` without one is a stall. Syncs
+    come once per drain of the dirty set, so a long first pass is no stall."""
+    if c.state == "first-pass" or remaining <= c.low * NEW_LOW:
+        state, since, low, low_at, syncs = ("converging", c.since if c.state == "converging"
+                                            else now, remaining, now, 0)
+    else:
+        syncs = c.syncs_since_low + 1
+        low, low_at = c.low, c.low_at
+        if syncs >= 2 and now - c.low_at >= STALL_AFTER_S:
+            state, since = "stalled", c.since if c.state == "stalled" else now
+        else:
+            state, since = c.state, c.since
+    return Convergence(state, since, low, low_at, syncs, remaining, dirty_rate, bandwidth,
+                       threshold)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def stall_verdict(c: Convergence, now: float, stall_timeout_s: float) -> str | None:
+    """The ``error-desc`` of a migration stalled for ``x-stall-timeout``
+    (0: never), naming the cause with its rates and what would help."""
+    if not stall_timeout_s or c.state != "stalled" or now - c.since < stall_timeout_s:
+        return None
+    mb = 1e6
+    if c.dirty_rate >= c.bandwidth:
+        cause = (f"the guest dirties memory at {c.dirty_rate / mb:.0f} MB/s, faster than "
+                 f"the migration sends it ({c.bandwidth / mb:.0f} MB/s)")
+    else:
+        cause = (f"{_mib(c.remaining)} remain after each pass, above the "
+                 f"{_mib(c.threshold)} that fit in downtime-limit at "
+                 f"{c.bandwidth / mb:.0f} MB/s (the guest re-dirties "
+                 f"{c.dirty_rate / mb:.0f} MB/s of what was sent)")
+    return (f"Migration cannot converge: {cause}; no progress for "
+            f"{(now - c.low_at) * 1000:.0f} ms (x-stall-timeout {stall_timeout_s * 1000:.0f} "
+            "ms). Enable auto-converge or postcopy-ram, or raise downtime-limit or "
+            "max-bandwidth")
 
 
 @dataclass(frozen=True)
@@ -38,6 +108,8 @@ class IterationStats:
     threshold: int               # bytes that may remain at switchover
     can_switchover: bool         # switchover.can_switchover() now
     rate_exceeded: bool          # this window's budget is spent
+    convergence: Convergence = Convergence()
+    stall_timeout_s: float = 0.0  # x-stall-timeout; 0: never fail a stall
 
 
 @dataclass(frozen=True)
@@ -61,6 +133,13 @@ class Idle:
 
 
 @dataclass(frozen=True)
+class Fail:
+    """The migration cannot converge: fail it (the guest keeps running)."""
+
+    desc: str
+
+
+@dataclass(frozen=True)
 class CloseWindow:
     """The window is over: measure bandwidth, recompute the threshold."""
 
@@ -73,7 +152,7 @@ class Wait:
     reason: str                  # "rate-limit" or "switchover-ack"
 
 
-IterationAction = Sync | Complete | Iterate | Idle
+IterationAction = Sync | Complete | Fail | Iterate | Idle
 PassEndAction = CloseWindow | Wait | None
 
 
@@ -92,6 +171,9 @@ def migration_iteration_run(s: IterationStats) -> IterationAction:
         return Sync()
     if switchover.complete_ready(s.pending, s.threshold, s.can_switchover):
         return Complete()
+    verdict = stall_verdict(s.convergence, s.now, s.stall_timeout_s)
+    if verdict is not None:
+        return Fail(verdict)
     if s.rate_exceeded:
         return Idle()
     return Iterate()
@@ -140,6 +222,9 @@ class IterationEngine(Protocol):
     def complete(self) -> None:
         """Stop the guest, send the rest, wait for the destination."""
 
+    def fail(self, desc: str) -> None:
+        """Give up: the migration fails with ``desc``, the guest runs on."""
+
     def pass_done(self) -> None:
         """Count a pass."""
 
@@ -163,6 +248,9 @@ def migration_iterate_until_complete(e: IterationEngine) -> None:
             action = migration_iteration_run(s)
         if isinstance(action, Complete):
             e.complete()
+            return
+        if isinstance(action, Fail):
+            e.fail(action.desc)
             return
         waited_for_ack = waiting_for_ack(s)
         if isinstance(action, Iterate):

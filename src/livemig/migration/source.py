@@ -289,7 +289,8 @@ class MigrationState(AnnouncesStatus):
             pending=(savevm.qemu_savevm_state_pending_estimate(self.savevm)
                      if pending is None else pending),
             pending_exact=pending is not None, threshold=self.stats.threshold_bytes,
-            can_switchover=self._can_switchover(), rate_exceeded=self.file.rate_exceeded())
+            can_switchover=self._can_switchover(), rate_exceeded=self.file.rate_exceeded(),
+            convergence=self.stats.convergence, stall_timeout_s=self.params.stall_timeout_s)
 
     def pending_exact(self) -> int:
         return savevm.qemu_savevm_state_pending_exact(self.savevm)
@@ -301,6 +302,9 @@ class MigrationState(AnnouncesStatus):
     def complete(self) -> None:
         assert self.file is not None
         self._completion(self.file)
+
+    def fail(self, desc: str) -> None:
+        raise MigrationError(desc)
 
     def pass_done(self) -> None:
         self.stats.iterations += 1
@@ -327,6 +331,7 @@ class MigrationState(AnnouncesStatus):
         c.pages_in_window = 0
         st = self.stats
         st.mbps = w.mbps
+        st.bandwidth_bytes_per_s = w.bandwidth_bytes_per_ms * 1000
         st.pages_per_second = w.pages_per_second
         limit = self.params.downtime_limit_ms
         st.threshold_bytes = switchover.threshold_size(
@@ -346,6 +351,13 @@ class MigrationState(AnnouncesStatus):
                  self.switchover_acked)
 
     def _on_sync(self, count: int) -> None:
+        """After each dirty-log sync: judge convergence, announce the pass."""
+        if self.ram is not None:
+            c, st = self.ram.counters, self.stats
+            st.convergence = policy.convergence_update(
+                st.convergence, now=self.clock(), remaining=c.dirty_bytes_last_sync,
+                dirty_rate=c.dirty_pages_rate * 4096.0, bandwidth=st.bandwidth_bytes_per_s,
+                threshold=st.threshold_bytes)
         if self.caps.events:
             self.emit("MIGRATION_PASS", {"pass": count})
 

@@ -80,7 +80,10 @@ SCHEMA: Final[dict[str, str]] = {
     "mode": "MigMode",
     "zero-page-detection": "ZeroPageDetection",
     "direct-io": "bool",
+    # livemig's own, after QEMU's (an x- member, as QEMU names experimental ones):
+    "x-stall-timeout": "uint64",
 }
+LIVEMIG_PARAMETERS: Final = ("x-stall-timeout",)
 
 
 def _qapi_type(qtype: str, *, output: bool = False) -> QapiType:
@@ -130,7 +133,11 @@ DEFAULTS: Final[dict[str, Any]] = {
     "mode": "normal",
     "zero-page-detection": "multifd",
     "direct-io": False,
+    "x-stall-timeout": 0,     # ms a stalled migration may go on before it fails; 0: forever
 }
+# What QEMU 10.0.2 itself shows: the same, less livemig's own members.
+QEMU_DEFAULTS: Final[dict[str, Any]] = {k: v for k, v in DEFAULTS.items()
+                                        if k not in LIVEMIG_PARAMETERS}
 
 # ``-global migration.<prop>=<value>`` property -> parameter (migration_properties[]).
 GLOBAL_PROPERTY: Final[dict[str, str]] = {
@@ -291,6 +298,11 @@ class Parameters:
     def downtime_limit_ms(self) -> int:
         """Maximum tolerated downtime (ms)."""
         return int(self._values["downtime-limit"])
+
+    @property
+    def stall_timeout_s(self) -> float:
+        """``x-stall-timeout`` (livemig): seconds a stalled migration goes on; 0 = forever."""
+        return int(self._values["x-stall-timeout"]) / 1000
 
     @property
     def max_bandwidth_bytes_per_s(self) -> int:

@@ -1,0 +1,71 @@
+"""Stall detection between two ``livemig run`` processes: a guest that dirties
+faster than a capped link is seen to stall (``x-convergence``) and, with
+``x-stall-timeout``, fails with its cause while the guest runs on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import run_with, start_incoming, wait_completed
+from e2e_helpers import runstate, wait_guest_runs, wait_until
+
+# The soft walk over 40 MiB re-dirties it all every pass (~1 GB/s); the link
+# is capped to 20 MiB/s: downtime-limit 50 allows ~1 MiB at switchover.
+WALK_END = "40M"
+CAP = 20 << 20
+TIMEOUT_MS = 1000
+
+
+@pytest.mark.timeout(90)
+def test_a_stalled_migration_fails_with_its_cause_and_the_guest_runs_on(vms):
+    async def body():
+        src = await vms.start("src", ram="64M", walk_end=WALK_END, devices=[])
+        dst = await vms.start("dst", ram="64M", walk_end=WALK_END, devices=[],
+                              incoming="defer", paused=True)
+        for vm in (src, dst):
+            await vm.set_caps(events=True)
+        await src.set_params(max_bandwidth=CAP, downtime_limit=50,
+                             x_stall_timeout=TIMEOUT_MS)
+        uri = await start_incoming(dst)
+        await src.cmd("migrate", uri=uri)
+
+        seen: dict = {}
+
+        async def stalled() -> bool:
+            info = await src.cmd("query-migrate")
+            conv = info.get("x-convergence", {})
+            if conv.get("state") == "stalled":
+                seen.update(conv, t=time.monotonic())
+                return True
+            assert info["status"] in ("setup", "active"), info
+            return False
+        await wait_until(stalled, 60, "the source to judge the migration stalled", poll=0.05)
+        assert seen["remaining"] > seen["threshold"] and seen["bandwidth"] > 0
+        if seen["dirty-rate"] >= seen["bandwidth"]:
+            assert "projected-ms" not in seen       # at these rates it never converges
+
+        info = await wait_completed(src, timeout=TIMEOUT_MS / 1000 + 10)
+        failed_after = time.monotonic() - seen["t"]
+        assert info["status"] == "failed"
+        assert failed_after <= TIMEOUT_MS / 1000 + 1.0, failed_after
+        desc = info["error-desc"]
+        assert desc.startswith("Migration cannot converge: "), desc
+        assert "MB/s" in desc and "x-stall-timeout 1000 ms" in desc
+        assert "auto-converge" in desc
+        # The source guest keeps running, memory and all; the destination loaded nothing.
+        assert await runstate(src) == "running"
+        await wait_guest_runs(src)
+        assert (await dst.cmd("query-status"))["status"] == "inmigrate"
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(60)
+def test_stall_timeout_is_a_parameter_with_default_off(vms):
+    async def body():
+        vm = await vms.start("p", ram="64M", walk_end="16M", devices=[])
+        params = await vm.cmd("query-migrate-parameters")
+        assert params["x-stall-timeout"] == 0
+        await vm.set_params(x_stall_timeout=2500)
+        assert (await vm.cmd("query-migrate-parameters"))["x-stall-timeout"] == 2500
+    run_with(vms, body)
