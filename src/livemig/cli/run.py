@@ -13,12 +13,20 @@ import signal
 import sys
 
 from livemig import QEMU_VERSION, __version__
-from livemig.cli.run_options import OptionError, RunOptions, parse_run_args
-from livemig.machine.machine import Machine, MachineConfig
+from livemig.cli.run_options import (
+    OptionError,
+    RunOptions,
+    help_text,
+    parse_run_args,
+    serial_failure,
+)
+from livemig.machine.machine import Machine, MachineConfig, choose_accelerator
+from livemig.machine.serial import Serial, SerialSocket
 from livemig.migration.destination import IncomingState
 from livemig.migration.source import MigrationState
 from livemig.qapi.errors import QapiError
 from livemig.qapi.global_props import apply_globals
+from livemig.qmp.chardev import ChardevError, ChardevSpec, open_socket, unlink_socket
 from livemig.qmp.commands import register_vm_commands
 from livemig.qmp.registry import CommandRegistry
 from livemig.qmp.server import QMPServer
@@ -39,8 +47,24 @@ class VmProcess:
                 (prop, value) for _, prop, value in opts.globals)
         except QapiError as exc:
             raise OptionError(exc.desc) from None
-        for warning in warnings:
+        for warning in [*opts.warnings, *warnings]:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        if opts.cpu == "host" and choose_accelerator(opts.accel) != "kvm":
+            raise OptionError("CPU model 'host' requires KVM or HVF")
+        # Chardevs not served by QMP, in command-line order as QEMU creates them:
+        # the serial port's, and unused ones (opened all the same, as QEMU does).
+        self._sinks: list[tuple[SerialSocket, ChardevSpec, str | None, int | None]] = []
+        serial = None
+        try:
+            for chardev in opts.chardevs.values():
+                if chardev.id in opts.monitors:
+                    continue
+                sink = self._open_chardev(chardev)
+                if sink is not None and chardev.id == opts.serial_chardev:
+                    serial = Serial(sink=sink)
+        except BaseException:
+            self._close_sinks()
+            raise
         self.registry = CommandRegistry()
         self.server = QMPServer(self.registry, version=QEMU_VERSION,
                                 package=f"livemig {__version__}")
@@ -48,18 +72,59 @@ class VmProcess:
         self._quit: asyncio.Event | None = None
         self.exit_status = 0
         self.shutdown_reason = "host-qmp-quit"
-        self.machine = Machine(MachineConfig(
-            ram_size=opts.ram_size, accel=opts.accel, guest=opts.guest,
-            serial_path=opts.serial, devices=opts.devices, name=opts.name, uuid=opts.uuid,
-            incoming=opts.incoming is not None, start_paused=opts.start_paused,
-            mem_prealloc=opts.mem_prealloc),
-            on_event=self.server.emit_event)
+        try:
+            self.machine = Machine(MachineConfig(
+                ram_size=opts.ram_size, accel=opts.accel, guest=opts.guest,
+                serial_path=opts.serial, serial=serial, devices=opts.devices, name=opts.name,
+                uuid=opts.uuid, incoming=opts.incoming is not None,
+                start_paused=opts.start_paused, mem_prealloc=opts.mem_prealloc),
+                on_event=self.server.emit_event)
+        except BaseException:
+            self._close_sinks()
+            raise
         self.source = MigrationState(self.machine, self.caps, self.params,
                                      self.server.emit_event)
         self.incoming = IncomingState(self.machine, self.caps, self.params,
                                       self.server.emit_event,
                                       on_failure_exit=self._incoming_failed)
         register_vm_commands(self.registry, self)
+
+    def _open_chardev(self, chardev: ChardevSpec) -> SerialSocket | None:
+        """A socket chardev for the serial port (or none): bound, connected or adopted;
+        with ``wait=on``, blocks until its first client (QEMU's startup wait)."""
+        if chardev.backend == "file":
+            assert chardev.path is not None
+            try:
+                open(chardev.path, "ab").close()   # QEMU opens (creates) it
+            except OSError as exc:
+                raise OptionError(self._chardev_failure(
+                    chardev, f"Could not open '{chardev.path}': {exc.strerror}")) from None
+            return None
+        if chardev.backend != "socket":
+            return None
+        try:
+            opened = open_socket(chardev)
+        except ChardevError as exc:
+            raise OptionError(self._chardev_failure(chardev, str(exc))) from None
+        sink = SerialSocket(opened.sock, opened.listening, chardev.describe())
+        self._sinks.append((sink, chardev, opened.path, opened.inode))
+        if opened.listening and chardev.wait:
+            print(f"{PROG}: {chardev.location}: info: QEMU waiting for connection on: "
+                  f"disconnected:{chardev.describe()}", file=sys.stderr, flush=True)
+            sink.wait_connected()
+        return sink
+
+    def _chardev_failure(self, chardev: ChardevSpec, text: str) -> str:
+        first = f"{chardev.location}: {text}"
+        if chardev.option == "-serial":
+            return serial_failure(chardev.spec, first)
+        return first
+
+    def _close_sinks(self) -> None:
+        for sink, _, path, inode in self._sinks:
+            sink.close()
+            unlink_socket(path, inode)
+        self._sinks.clear()
 
     # -- lifecycle ----------------------------------------------------------------------
     def request_quit(self, reason: str = "host-qmp-quit", status: int = 0) -> None:
@@ -98,8 +163,12 @@ class VmProcess:
         QMP tests (``tests/qmp_inprocess.py``) use this alone."""
         self.loop = asyncio.get_running_loop()
         self._quit = quit_event = asyncio.Event()
-        for spec in self.opts.qmp:
-            await self.server.start(spec)
+        for chardev_id in self.opts.monitors:
+            chardev = self.opts.chardevs[chardev_id]
+            try:
+                await self.server.start(chardev)
+            except ChardevError as exc:
+                raise ChardevError(f"{chardev.location}: {exc}") from None
         return quit_event
 
     async def main(self) -> int:
@@ -119,7 +188,8 @@ class VmProcess:
             await asyncio.wait_for(self.server.wait_closed(), 5)
         except TimeoutError:
             await self.server.close()
-        self.machine.close()
+        self.machine.close()        # closes the serial port's socket
+        self._close_sinks()
         return self.exit_status
 
 
@@ -128,6 +198,9 @@ def run_main(argv: list[str]) -> int:
                         format=f"{PROG}: %(name)s: %(message)s")
     try:
         opts = parse_run_args(argv)
+        if opts.help is not None:      # -M help, -accel help, -cpu help, -version
+            print(help_text(opts))
+            return 0
         vm = VmProcess(opts)
     except OptionError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

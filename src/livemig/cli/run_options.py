@@ -8,14 +8,23 @@ line the process prints before exiting non-zero.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from livemig import QEMU_VERSION, __version__
 from livemig.machine.accel_device import AccelDeviceConfig
 from livemig.machine.guest import MIB, GuestConfig
-from livemig.qapi.errors import INVALID_PARAMETER, QapiError
+from livemig.qapi.errors import INVALID_ENUM_VALUE, INVALID_PARAMETER, MISSING_PARAMETER, QapiError
 from livemig.qapi.opts import Opts, format_opt_value
 from livemig.qapi.string_input import UINT64_MAX, parse_option_size
+from livemig.qmp.chardev import (
+    ChardevError,
+    ChardevSpec,
+    parse_chardev,
+    parse_compat,
+    parse_qmp_spec,
+)
 
 
 class OptionError(Exception):
@@ -34,8 +43,36 @@ class RunOptions:
     globals: list[tuple[str, str, str]] = field(default_factory=list)  # (driver, prop, value)
     guest: GuestConfig = field(default_factory=GuestConfig)
     devices: list[AccelDeviceConfig] = field(default_factory=list)
-    serial: str | None = None
+    serial: str | None = None           # -serial file:PATH (or a file chardev): its path
+    serial_chardev: str | None = None   # -serial on a socket chardev: that chardev's id
     mem_prealloc: bool = False          # -mem-prealloc: fault all guest RAM in at start
+    chardevs: dict[str, ChardevSpec] = field(default_factory=dict)  # by id, in order
+    monitors: list[str] = field(default_factory=list)   # QMP monitors: chardev ids, in order
+    help: str | None = None             # -M help, -accel help, -cpu help, -version: print, exit 0
+    machine: str = "livemig-pc-10.0"
+    cpu: str = "max"
+    no_shutdown: bool = False
+    warnings: list[str] = field(default_factory=list)   # printed as "livemig: warning: ..."
+    _serials: list[str] = field(default_factory=list, repr=False, compare=False)
+    _mon_refs: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
+
+
+# livemig's machine types, as -M help lists them: (name, description, alias).
+MACHINE_TYPES = (("livemig-pc-10.0", "livemig PC (one vCPU, walk guest, accel devices)",
+                  "livemig-pc"),)
+DEFAULT_MACHINE = "livemig-pc-10.0"
+# -cpu models: the vCPU runs the walk guest, which needs no CPUID feature.
+CPU_MODELS = (("host", "KVM processor with all supported host features"),
+              ("max", "Enables all features supported by the accelerator in the current host"))
+ACCELERATORS = ("tcg", "kvm", "soft")    # tcg is livemig's soft accelerator
+# QEMU 10.0.2's -vga types (vl.c's vga_interfaces): accepted with QEMU's warning for a
+# machine without VGA (livemig's has none); anything else is QEMU's "unknown vga type".
+_VGA_TYPES = ("std", "cirrus", "vmware", "qxl", "xenfb", "tcx", "cg3", "virtio")
+_DISPLAY_TYPES = ("sdl", "gtk", "curses", "vnc", "egl-headless", "dbus", "spice-app")
+_SMP_KEYS = ("cpus", "maxcpus", "sockets", "dies", "clusters", "modules", "cores",
+             "threads", "drawers", "books")
+_MON_MODES = ("readline", "control")
+_HMP = "livemig has no human monitor (HMP); use QMP (mode=control)"
 
 
 # qemu_global_option()'s fast path: sscanf("%63[^.=].%63[^=]%n") then '='.
@@ -46,7 +83,9 @@ _GLOBAL_KEYS = ("driver", "property", "value")
 _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
             "name": True, "global": True, "guest": True, "device": True, "serial": True,
             "drive": True, "uuid": True, "machine": True, "M": True, "display": True,
-            "nodefaults": False, "nographic": False, "mem-prealloc": False}
+            "nodefaults": False, "nographic": False, "mem-prealloc": False,
+            "chardev": True, "mon": True, "monitor": True, "vga": True, "cpu": True,
+            "smp": True, "no-shutdown": False, "version": False}
 
 
 def parse_run_args(argv: list[str]) -> RunOptions:
@@ -69,6 +108,9 @@ def parse_run_args(argv: list[str]) -> RunOptions:
             value = argv[i]
         i += 1
         _apply(opts, name, value)
+        if opts.help == "version":
+            return opts
+    _resolve_chardevs(opts)
     if opts.guest.kind == "walk":
         try:
             opts.guest.validate(opts.ram_size)
@@ -83,6 +125,13 @@ def _apply(opts: RunOptions, name: str, value: str | None) -> None:
         _apply_value(opts, name, value)
     except QapiError as exc:
         raise OptionError(f"-{name} {value}: {exc.desc}") from None
+    except ChardevError as exc:
+        text = str(exc)
+        if text and not text.startswith(f"-{name} "):
+            text = f"-{name} {value}: {text}"
+        if name == "serial":   # QEMU's (last) line for a serial backend it cannot make
+            text = serial_failure(value or "", text)
+        raise OptionError(text) from None
 
 
 def _ram_size(value: str) -> int:
@@ -106,17 +155,74 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
     elif name == "accel":
         assert value is not None
         accel = Opts.parse(value, "accel").get("accel") or ""
+        if accel == "help":
+            opts.help = "accel"
+            return
         if accel not in ("soft", "kvm", "auto", "tcg"):
             raise OptionError(f"-accel {value}: invalid accelerator {accel}")
         opts.accel = "soft" if accel == "tcg" else accel
     elif name in ("machine", "M"):
         assert value is not None
-        machine_accel = Opts.parse(value, "type").get("accel")
+        machine = Opts.parse(value, "type")
+        kind = machine.get("type")
+        if kind == "help":
+            opts.help = "machine"
+            return
+        if kind is not None:
+            names = {n: n for n, _, _ in MACHINE_TYPES} | {a: n for n, _, a in MACHINE_TYPES}
+            if kind not in names:
+                raise OptionError(f'unsupported machine type: "{kind}"\n'
+                                  "Use -machine help to list supported machines")
+            opts.machine = names[kind]
+        machine_accel = machine.get("accel")
         if machine_accel is not None:
             _apply(opts, "accel", format_opt_value(machine_accel))
     elif name == "qmp":
+        # QEMU's shorthand: a socket chardev "compat_monitorN" + -mon mode=control.
         assert value is not None
+        chardev = parse_qmp_spec(value)
+        label = f"compat_monitor{len(opts.qmp)}"
         opts.qmp.append(value)
+        _add_chardev(opts, dataclasses.replace(chardev, id=label))
+        opts.monitors.append(label)
+    elif name == "chardev":
+        assert value is not None
+        _add_chardev(opts, parse_chardev(value))
+    elif name == "mon":
+        assert value is not None
+        _parse_mon(opts, value)
+    elif name == "monitor":
+        # HMP: only "none"/"null" (QEMU's machine class adds -monitor null) mean nothing here.
+        if value not in ("none", "null"):
+            raise OptionError(f"-monitor {value}: {_HMP}")
+    elif name == "vga":
+        assert value is not None
+        if value == "none":
+            return
+        if value not in _VGA_TYPES:
+            raise OptionError(f"unknown vga type: {value}")
+        opts.warnings.append("A -vga option was passed but this machine type does not use "
+                             "that option; No VGA device has been created")
+    elif name == "display":
+        assert value is not None
+        display = Opts.parse(value, "type")
+        kind = display.get("type") or ""
+        if kind not in ("none", *_DISPLAY_TYPES):
+            raise QapiError(INVALID_ENUM_VALUE % ("type", kind))
+        if kind != "none":
+            raise OptionError(f"-display {value}: livemig has no display; use -display none")
+        for key, _ in display.pairs[1:]:
+            raise OptionError(f"-display {value}: Parameter '{key}' is unexpected")
+    elif name == "cpu":
+        assert value is not None
+        _parse_cpu(opts, value)
+    elif name == "smp":
+        assert value is not None
+        _parse_smp(opts, value)
+    elif name == "no-shutdown":
+        opts.no_shutdown = True      # the walk guest never shuts down: nothing to keep
+    elif name == "version":
+        opts.help = "version"
     elif name == "incoming":
         opts.incoming = value
     elif name == "S":
@@ -150,17 +256,135 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
         except ValueError as exc:
             raise OptionError(f"-device {value}: {exc}") from None
     elif name == "serial":
-        # A chardev spec, not QemuOpts: QEMU takes "file:PATH" verbatim (no ',,').
+        # A compat chardev spec (QEMU takes "file:PATH" verbatim, no ',,'), or chardev:ID.
         assert value is not None
-        if value == "none":
-            opts.serial = None
-        elif value.startswith("file:"):
-            opts.serial = value[len("file:"):]
-        else:
-            raise OptionError(f"-serial {value}: only file:PATH and none are supported")
+        index = len(opts._serials)
+        if index and value not in ("none", "null"):
+            raise OptionError(f"-serial {value}: livemig has one serial port (COM1); "
+                              "a second -serial can only be none or null")
+        if value.startswith("chardev:"):
+            opts._serials.append(value)
+            return
+        chardev = dataclasses.replace(parse_compat(value, f"serial{index}"), option="-serial")
+        opts._serials.append("none" if chardev.backend == "none" else f"chardev:{chardev.id}")
+        if chardev.backend != "none":
+            _add_chardev(opts, chardev)
     elif name == "mem-prealloc":
         opts.mem_prealloc = True
-    # -display, -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do.
+    # -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do.
+
+
+def serial_failure(value: str, first: str = "") -> str:
+    """QEMU's two lines when ``-serial VALUE`` cannot be made (``first`` may be empty)."""
+    last = f"-serial {value}: could not connect serial device to character backend '{value}'"
+    return f"{first}\n{last}" if first else last
+
+
+def _add_chardev(opts: RunOptions, chardev: ChardevSpec) -> None:
+    if chardev.id in opts.chardevs:
+        raise ChardevError(f"Duplicate ID '{chardev.id}' for chardev")
+    opts.chardevs[chardev.id] = chardev
+
+
+def _parse_mon(opts: RunOptions, value: str) -> None:
+    """``-mon [chardev=]ID,mode=control[,pretty=off]`` (QEMU's qemu_mon_opts)."""
+    mon = Opts.parse(value, "chardev")
+    mon.check(("id", "chardev", "mode", "pretty", "default"))
+    mode = mon.get("mode", "readline") or ""
+    if mode not in _MON_MODES:
+        raise QapiError(INVALID_ENUM_VALUE % ("mode", mode))
+    pretty = mon.get_bool("pretty", False)
+    chardev = mon.get("chardev")
+    if chardev is None:
+        raise QapiError(MISSING_PARAMETER % "chardev")
+    if mode == "readline":
+        raise OptionError(f"-mon {value}: {_HMP}")
+    if pretty:
+        raise OptionError(f"-mon {value}: livemig's QMP monitor has no pretty=on")
+    opts._mon_refs.append((value, chardev))
+
+
+def _parse_cpu(opts: RunOptions, value: str) -> None:
+    """``-cpu MODEL[,prop=value...]``: the models livemig's vCPU can honestly be."""
+    model, _, props = value.partition(",")
+    if model == "help":
+        opts.help = "cpu"
+        return
+    if model not in {name for name, _ in CPU_MODELS}:
+        raise OptionError(f"unable to find CPU model '{model}'")
+    for key, val in Opts.parse(props):
+        raise OptionError(f"can't apply global {model}-x86_64-cpu.{key}={val}: "
+                          f"Property '{model}-x86_64-cpu.{key}' not found")
+    opts.cpu = model
+
+
+def _parse_smp(opts: RunOptions, value: str) -> None:
+    """``-smp [cpus=]N[,maxcpus=,sockets=,cores=,threads=...]``: livemig has one vCPU."""
+    smp = Opts.parse(value, "cpus")
+    numbers: dict[str, int] = {}
+    for key, text in smp:
+        if key not in _SMP_KEYS:
+            raise OptionError(f"Parameter 'smp.{key}' is unexpected")
+        if not text.isdigit():
+            raise OptionError(f"Parameter 'smp.{key}' expects integer")
+        numbers[key] = int(text)
+    topology = 1
+    for key in _SMP_KEYS[2:]:
+        topology *= numbers.get(key, 1) or 1
+    cpus = max(numbers.get("cpus") or topology, numbers.get("maxcpus") or 0, topology)
+    if cpus > 1:
+        raise OptionError(f"Invalid SMP CPUs {cpus}. The max CPUs supported by machine "
+                          f"'{opts.machine}' is 1")
+
+
+def _resolve_chardevs(opts: RunOptions) -> None:
+    """After every option (QEMU creates chardevs before their frontends): -mon and
+    -serial find their chardev; one chardev has one frontend."""
+    users = {chardev: "mon" for chardev in opts.monitors}   # the -qmp ones
+    for value, chardev in opts._mon_refs:
+        spec = opts.chardevs.get(chardev)
+        if spec is None:
+            raise OptionError(f'-mon {value}: chardev "{chardev}" not found')
+        if spec.backend != "socket":
+            raise OptionError(f"-mon {value}: livemig's QMP monitor needs a socket chardev, "
+                              f"'{chardev}' is {spec.backend}")
+        if chardev in users:
+            raise OptionError(f"-mon {value}: Device '{chardev}' is in use")
+        users[chardev] = "mon"
+        opts.monitors.append(chardev)
+    if opts._serials and opts._serials[0] != "none":
+        ref = opts._serials[0]
+        chardev = ref[len("chardev:"):]
+        spec = opts.chardevs.get(chardev)
+        if spec is None:
+            raise OptionError(serial_failure(ref))
+        if chardev in users:
+            raise OptionError(f"-serial {ref}: Device '{chardev}' is in use")
+        users[chardev] = "serial"
+        if spec.backend == "file":
+            opts.serial = spec.path
+        elif spec.backend == "socket":
+            opts.serial_chardev = chardev
+    elif opts._serials:
+        opts.serial = None
+
+
+def help_text(opts: RunOptions) -> str:
+    """What ``-M help``, ``-accel help``, ``-cpu help`` and ``-version`` print (QEMU's format)."""
+    if opts.help == "machine":
+        lines = ["Supported machines are:"]
+        for name, desc, alias in MACHINE_TYPES:
+            if alias:
+                lines.append(f"{alias:<20} {desc} (alias of {name})")
+            lines.append(f"{name:<20} {desc}" + (" (default)" if name == DEFAULT_MACHINE else ""))
+        return "\n".join(lines)
+    if opts.help == "accel":
+        return "\n".join(["Accelerators supported in QEMU binary:", *ACCELERATORS])
+    if opts.help == "cpu":
+        return "\n".join(["Available CPUs:", *(f"  {n:<20}  {d}" for n, d in CPU_MODELS)])
+    major, minor, micro = QEMU_VERSION
+    return (f"QEMU emulator version {major}.{minor}.{micro} (livemig {__version__})\n"
+            "livemig: live migration in Python; QEMU's command line, QMP and migration stream")
 
 
 def _parse_global(value: str) -> tuple[str, str, str]:

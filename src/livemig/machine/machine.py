@@ -33,6 +33,7 @@ class MachineConfig:
     accel: str = "auto"          # soft | kvm | auto
     guest: GuestConfig = field(default_factory=GuestConfig)
     serial_path: str | None = None
+    serial: Serial | None = None  # a ready Serial (socket chardev): wins over serial_path
     devices: list[AccelDeviceConfig] = field(default_factory=list)
     name: str | None = None
     uuid: str | None = None
@@ -75,7 +76,7 @@ class Machine:
         if config.mem_prealloc:
             self.ram.prealloc()
         self.dirty_log = DirtyLog(self.ram.npages)
-        self.serial = Serial(config.serial_path)
+        self.serial = config.serial or Serial(config.serial_path)
         self.cpu: Accelerator
         if self.accel_name == "kvm":
             from livemig.machine.kvm import KvmAccelerator

@@ -21,11 +21,12 @@ The options are QemuOpts, split by the one shared parser
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from livemig.qapi.errors import INVALID_PARAMETER, QapiError
 from livemig.qapi.opts import Opts, parse_opts
@@ -66,6 +67,7 @@ class ChardevSpec:
     id: str
     backend: str
     spec: str = ""               # the text as given, for messages
+    option: str = "-chardev"     # the option it came from: -chardev, -qmp or -serial
     kind: str = ""               # socket: "unix" | "tcp" | "fd"
     path: str | None = None
     host: str = ""
@@ -75,6 +77,11 @@ class ChardevSpec:
     wait: bool = True
     nodelay: bool = False
     family: int = socket.AF_UNSPEC
+
+    @property
+    def location(self) -> str:
+        """QEMU's error location: ``-chardev socket,id=m,path=P``, ``-serial unix:P``..."""
+        return f"{self.option} {self.spec}"
 
     def describe(self) -> str:
         """QEMU's ``disconnected:`` filename of a socket chardev (``unix:P,server=on``)."""
@@ -129,8 +136,8 @@ def parse_compat(text: str, label: str) -> ChardevSpec:
             host, sep, port = address[1:].partition("]:")
         else:
             host, sep, port = address.rpartition(":")
-        if not sep:  # QEMU: "tcp:HOST" fails its sscanf, then "not a valid char driver"
-            raise ChardevError(f"'{text}' is not a valid char driver")
+        if not sep:  # QEMU: "tcp:HOST" fails its sscanf and says only what -serial adds
+            raise ChardevError("")
         opts = Opts([("host", host), ("port", port), *parse_opts(rest)])
         return _from_opts(opts, "socket", label, text, driver_name=False)
     name = text.split(":", 1)[0].split(",", 1)[0]
@@ -146,9 +153,9 @@ def parse_qmp_spec(spec: str) -> ChardevSpec:
     Raises ValueError (ChardevError) with ``-qmp SPEC:`` in front, as QEMU.
     """
     try:
-        chardev = parse_compat(spec, "compat_monitor0")
+        chardev = dataclasses.replace(parse_compat(spec, "compat_monitor0"), option="-qmp")
     except ChardevError as exc:
-        raise ChardevError(f"-qmp {spec}: {exc}") from None
+        raise ChardevError(f"-qmp {spec}: {exc or 'invalid chardev'}") from None
     if chardev.backend != "socket":
         raise ChardevError(f"-qmp {spec}: livemig's QMP monitor needs a socket "
                            "(unix:PATH,... or tcp:HOST:PORT,...)")
@@ -186,7 +193,7 @@ def _from_opts(opts: Opts, backend: str, chr_id: str, text: str, *,
     nodelay = _bool(opts, "nodelay", False) or not _bool(opts, "delay", True)
     if not server and wait_given:
         raise ChardevError("'wait' option is incompatible with socket in client connect mode")
-    common = {"server": server, "wait": wait and server, "nodelay": nodelay}
+    common: dict[str, Any] = {"server": server, "wait": wait and server, "nodelay": nodelay}
     if path is not None:
         if len(os.fsencode(path)) > _UNIX_PATH_MAX:
             raise ChardevError(f"UNIX socket path '{path}' is too long")
