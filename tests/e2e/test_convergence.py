@@ -69,3 +69,34 @@ def test_stall_timeout_is_a_parameter_with_default_off(vms):
         await vm.set_params(x_stall_timeout=2500)
         assert (await vm.cmd("query-migrate-parameters"))["x-stall-timeout"] == 2500
     run_with(vms, body)
+
+
+@pytest.mark.timeout(120)
+def test_auto_converge_completes_a_full_speed_walk_under_a_bandwidth_cap(vms):
+    """The same guest and link as the stall test: with auto-converge the source
+    throttles the vCPU (cpu-throttle-percentage) until the rest fits, completes,
+    and the destination's guest is intact and runs."""
+    async def body():
+        src = await vms.start("src", ram="64M", walk_end=WALK_END, devices=[])
+        dst = await vms.start("dst", ram="64M", walk_end=WALK_END, devices=[],
+                              incoming="defer")
+        for vm in (src, dst):
+            await vm.set_caps(events=True, **{"auto-converge": True})
+        await src.set_params(max_bandwidth=CAP, downtime_limit=50)
+        uri = await start_incoming(dst)
+        await src.cmd("migrate", uri=uri)
+        throttles: list[int] = []
+
+        async def done() -> bool:
+            info = await src.cmd("query-migrate")
+            if "cpu-throttle-percentage" in info:
+                throttles.append(info["cpu-throttle-percentage"])
+            assert info["status"] not in ("failed", "cancelled"), info
+            return info["status"] == "completed"
+        await wait_until(done, 100, "auto-converge to complete the migration", poll=0.1)
+        assert max(throttles) > 0, throttles
+        assert (await wait_completed(dst, timeout=20))["status"] == "completed"
+        assert await runstate(dst) == "running"
+        await wait_guest_runs(dst)
+        assert (await src.cmd("query-status"))["status"] == "postmigrate"
+    run_with(vms, body)

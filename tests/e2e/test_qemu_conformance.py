@@ -576,8 +576,7 @@ def test_migrate_set_capabilities_error(shared, case):
 
 # Capabilities QEMU accepts on this host (alone) but livemig does not implement.
 # (x-colo too on this Debian build, but only where QEMU is built with replication.)
-UNIMPLEMENTED_CAPABILITIES = ("xbzrle", "postcopy-ram", "auto-converge", "release-ram",
-                              "mapped-ram")
+UNIMPLEMENTED_CAPABILITIES = ("xbzrle", "postcopy-ram", "release-ram", "mapped-ram")
 
 
 @pytest.mark.parametrize("name", UNIMPLEMENTED_CAPABILITIES)

@@ -49,6 +49,12 @@ class Model:
     windows: list[int] = field(default_factory=list)
     stall_timeout_s: float = 0.0
     convergence: policy.Convergence = policy.Convergence()
+    auto_converge: policy.ThrottleParams | None = None
+    throttle: policy.ThrottleState = policy.ThrottleState()
+    throttles: list[tuple[float, int]] = field(default_factory=list)
+    period_t0: float = 0.0
+    period_new: int = 0
+    period_sent0: int = 0
     failed: str | None = None
     failed_at: float | None = None
 
@@ -58,7 +64,8 @@ class Model:
     # -- the model's physics ----------------------------------------------------------
     def _advance(self, dt: float) -> None:
         self.t += dt
-        self.unsynced = min(self.ram, self.unsynced + self.dirty_rate * dt)
+        rate = self.dirty_rate * (1 - self.throttle.pct / 100)
+        self.unsynced = min(self.ram, self.unsynced + rate * dt)
 
     def _acked(self) -> bool:
         return self.ack_at is not None and self.t >= self.ack_at
@@ -92,8 +99,16 @@ class Model:
     def pending_exact(self) -> int:
         self.syncs += 1
         self._advance(self.sync_cost)
-        self.pending = min(self.ram, self.pending + int(self.unsynced))
+        new = min(self.ram - self.pending, int(self.unsynced))
+        self.pending += new
         self.unsynced = 0.0
+        self.period_new += new
+        if self.auto_converge is not None and self.t - self.period_t0 >= 1.0:
+            self.throttle = policy.migration_trigger_throttle(
+                self.throttle, dirty_bytes=self.period_new,
+                xfer_bytes=self.sent_total - self.period_sent0, p=self.auto_converge)
+            self.throttles.append((self.t, self.throttle.pct))
+            self.period_t0, self.period_new, self.period_sent0 = self.t, 0, self.sent_total
         self.convergence = policy.convergence_update(
             self.convergence, now=self.t, remaining=self.pending, dirty_rate=self.dirty_rate,
             bandwidth=self.bandwidth, threshold=self.threshold)
@@ -313,3 +328,44 @@ def test_stall_verdict_names_a_high_remaining_when_rates_are_fine():
     assert "above the 50.0 MiB that fit" in text
     assert "no progress for 4000 ms" in text
     assert policy.stall_verdict(c, 100.0, 0.0) is None        # x-stall-timeout 0: off
+
+
+# -- auto-converge -----------------------------------------------------------------------
+
+QEMU_DEFAULT_THROTTLE = policy.ThrottleParams()
+
+
+def test_throttle_needs_two_high_periods_then_jumps_to_what_the_rates_need():
+    p = QEMU_DEFAULT_THROTTLE
+    t = policy.migration_trigger_throttle(policy.ThrottleState(), dirty_bytes=1000,
+                                          xfer_bytes=100, p=p)
+    assert t == policy.ThrottleState(0, 1)           # once: not yet
+    t = policy.migration_trigger_throttle(t, dirty_bytes=1000, xfer_bytes=100, p=p)
+    # 1000 dirtied against 50 allowed (50% of 100 sent): the guest may run 5%.
+    assert t == policy.ThrottleState(95, 0)
+    low = policy.migration_trigger_throttle(policy.ThrottleState(0, 1), dirty_bytes=60,
+                                            xfer_bytes=100, p=p)
+    assert low.pct == 20                              # cpu-throttle-initial is the floor
+
+
+def test_throttle_steps_at_least_the_increment_and_stops_at_the_maximum():
+    p = policy.ThrottleParams(maximum=80)
+    assert policy.mig_throttle_guest_down(20, 52, 50, p) == 30     # QEMU's step
+    assert policy.mig_throttle_guest_down(20, 60, 50, p) == 34     # what the rates need
+    assert policy.mig_throttle_guest_down(20, 1000, 50, p) == 80   # capped
+    tail = policy.ThrottleParams(tailslow=True)
+    # tailslow: a step toward the ideal, never more than the increment (QEMU's rule).
+    assert policy.mig_throttle_guest_down(50, 55, 50, tail) == 55
+    assert policy.mig_throttle_guest_down(50, 1000, 50, tail) == 60
+
+
+def test_auto_converge_completes_where_plain_precopy_stalls():
+    stalled = Model(ram=1 << 30, bandwidth=2e8, dirty_rate=1e9, horizon=30)
+    with pytest.raises(Horizon):
+        run(stalled)
+    m = run(Model(ram=1 << 30, bandwidth=2e8, dirty_rate=1e9, horizon=120,
+                  auto_converge=QEMU_DEFAULT_THROTTLE))
+    assert m.completed_at is not None
+    assert m.throttles and max(pct for _, pct in m.throttles) <= 99
+    assert m.pending_at_completion is not None
+    assert m.pending_at_completion < m.threshold

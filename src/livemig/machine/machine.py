@@ -21,6 +21,7 @@ from livemig.machine.guest import GuestConfig
 from livemig.machine.ram import RamBlock
 from livemig.machine.runstate import RunState, check_transition
 from livemig.machine.serial import Serial
+from livemig.machine.throttle import CpuThrottle
 from livemig.machine.vmstate import SaveVMHandlers
 
 MACHINE_TYPE = "livemig-pc-10.0"
@@ -91,6 +92,8 @@ class Machine:
             self.devices[dev.id] = AccelDevice(dev, incoming=config.incoming)
         self.uuid_bytes = uuidlib.UUID(config.uuid).bytes if config.uuid else None
         self._lock = threading.RLock()
+        # auto-converge's throttle: never resumes a guest that is not meant to run.
+        self.throttle = CpuThrottle(self.cpu, self._lock, self.is_running)
         if config.incoming:
             self.runstate = RunState.INMIGRATE
         else:
@@ -150,6 +153,7 @@ class Machine:
         return was_running
 
     def close(self) -> None:
+        self.throttle.set(0)
         self.cpu.close()
         for dev in self.devices.values():
             dev.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from livemig.migration.policy import Convergence
+from livemig.migration.policy import Convergence, ThrottleState
 from livemig.migration.status import MigrationStatus as S
 
 PAGE_SIZE = 4096
@@ -49,6 +49,7 @@ class SourceStats:
     windows: list[dict[str, Any]] = field(default_factory=list)
     bandwidth_bytes_per_s: float = 0.0      # the last window's
     convergence: Convergence = Convergence()
+    throttle: ThrottleState = ThrottleState()
 
     def add_window(self, window: dict[str, Any]) -> None:
         self.windows.append(window)
@@ -84,6 +85,7 @@ class SourceSnapshot:
     ack_users: int
     acked: bool
     error_desc: str | None
+    cpu_throttle_percentage: int | None = None   # with auto-converge on
 
 
 def snapshot_stats(stats: SourceStats) -> SourceStats:
@@ -131,6 +133,8 @@ def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
             "postcopy-bytes": 0,
             "dirty-sync-missed-zero-copy": 0,
         }
+        if s.cpu_throttle_percentage is not None and not done:
+            info["cpu-throttle-percentage"] = s.cpu_throttle_percentage
         if s.switchover_ack:
             ack: dict[str, Any] = {"users": s.ack_users, "acked": s.acked}
             if t.ack is not None:

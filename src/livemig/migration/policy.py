@@ -20,6 +20,7 @@ here, beside these.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -95,6 +96,55 @@ def stall_verdict(c: Convergence, now: float, stall_timeout_s: float) -> str | N
             f"{(now - c.low_at) * 1000:.0f} ms (x-stall-timeout {stall_timeout_s * 1000:.0f} "
             "ms). Enable auto-converge or postcopy-ram, or raise downtime-limit or "
             "max-bandwidth")
+
+
+@dataclass(frozen=True)
+class ThrottleParams:
+    """QEMU's auto-converge parameters (percentages)."""
+
+    initial: int = 20            # cpu-throttle-initial
+    increment: int = 10          # cpu-throttle-increment
+    tailslow: bool = False       # cpu-throttle-tailslow
+    maximum: int = 99            # max-cpu-throttle
+    trigger_threshold: int = 50  # throttle-trigger-threshold
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    pct: int = 0                 # cpu-throttle-percentage
+    high_count: int = 0          # periods the guest dirtied too much since the last step
+
+
+def migration_trigger_throttle(t: ThrottleState, *, dirty_bytes: int, xfer_bytes: int,
+                               p: ThrottleParams) -> ThrottleState:
+    """One dirty-rate period (>= 1 s) for auto-converge, QEMU's rule: the guest
+    dirtied more than ``throttle-trigger-threshold`` % of what was sent, twice
+    -> throttle it down (:func:`mig_throttle_guest_down`)."""
+    threshold_bytes = xfer_bytes * p.trigger_threshold / 100
+    if dirty_bytes <= threshold_bytes:
+        return t
+    if t.high_count + 1 < 2:
+        return ThrottleState(t.pct, t.high_count + 1)
+    return ThrottleState(mig_throttle_guest_down(t.pct, dirty_bytes, threshold_bytes, p), 0)
+
+
+def mig_throttle_guest_down(now: int, dirty_bytes: float, threshold_bytes: float,
+                            p: ThrottleParams) -> int:
+    """The next throttle. ``needed`` is the throttle at which the guest would
+    dirty only ``threshold_bytes`` per period at its measured rate (QEMU's
+    ``cpu_ideal``). QEMU steps ``initial`` then ``increment`` at a time and
+    uses ``needed`` only to slow the tail; livemig goes straight to what the
+    rates say is needed (never less than QEMU's step), so a guest that needs
+    90% gets it at the first trigger, not after seven more."""
+    cpu_now = 100 - now
+    needed = math.ceil(100 - cpu_now * threshold_bytes / dirty_bytes)
+    if now == 0:
+        new = max(p.initial, needed)
+    elif p.tailslow:
+        new = now + max(1, min(p.increment, needed - now))
+    else:
+        new = max(now + p.increment, needed)
+    return min(new, p.maximum)
 
 
 @dataclass(frozen=True)

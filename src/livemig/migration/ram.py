@@ -62,6 +62,8 @@ class RamCounters:
     dirty_pages_rate: int = 0
     dirty_bytes_last_sync: int = 0
     pages_in_window: int = 0
+    periods: int = 0               # dirty-rate periods (>= 1 s) closed so far
+    period_dirty_bytes: int = 0    # newly dirtied bytes in the last closed period
 
 
 class RamSaveHandler(SaveVMHandlers):
@@ -113,6 +115,8 @@ class RamSaveHandler(SaveVMHandlers):
         now = time.monotonic()
         if now - self._rate_t0 >= 1.0:
             c.dirty_pages_rate = int(self._rate_pages / (now - self._rate_t0))
+            c.period_dirty_bytes = self._rate_pages * TARGET_PAGE_SIZE
+            c.periods += 1
             self._rate_t0, self._rate_pages = now, 0
         c.dirty_bytes_last_sync = self.remaining_bytes()
         # Pages re-dirtied by this sync must not overtake their older copies on

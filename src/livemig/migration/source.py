@@ -86,6 +86,8 @@ class MigrationState(AnnouncesStatus):
         self.switchover_ack_user_num = 0
         self.vm_was_running = False
         self._window_bytes0 = 0
+        self._periods_seen = 0
+        self._sent_at_period = 0
         self._continue.clear()
         self._wake.clear()
 
@@ -350,6 +352,13 @@ class MigrationState(AnnouncesStatus):
                  w.bandwidth_bytes_per_ms / 1000, st.threshold_bytes >> 10,
                  self.switchover_acked)
 
+    def _throttle_params(self) -> policy.ThrottleParams:
+        g = self.params.get
+        return policy.ThrottleParams(
+            initial=int(g("cpu-throttle-initial")), increment=int(g("cpu-throttle-increment")),
+            tailslow=bool(g("cpu-throttle-tailslow")), maximum=int(g("max-cpu-throttle")),
+            trigger_threshold=int(g("throttle-trigger-threshold")))
+
     def _on_sync(self, count: int) -> None:
         """After each dirty-log sync: judge convergence, announce the pass."""
         if self.ram is not None:
@@ -358,6 +367,16 @@ class MigrationState(AnnouncesStatus):
                 st.convergence, now=self.clock(), remaining=c.dirty_bytes_last_sync,
                 dirty_rate=c.dirty_pages_rate * 4096.0, bandwidth=st.bandwidth_bytes_per_s,
                 threshold=st.threshold_bytes)
+            if self.caps.auto_converge and c.periods != self._periods_seen:
+                self._periods_seen = c.periods
+                sent = self.transferred()
+                st.throttle = policy.migration_trigger_throttle(
+                    st.throttle, dirty_bytes=c.period_dirty_bytes,
+                    xfer_bytes=sent - self._sent_at_period, p=self._throttle_params())
+                self._sent_at_period = sent
+                if st.throttle.pct != self.machine.throttle.percentage:
+                    log.info("auto-converge: cpu throttle %d%%", st.throttle.pct)
+                    self.machine.throttle.set(st.throttle.pct)
         if self.caps.events:
             self.emit("MIGRATION_PASS", {"pass": count})
 
@@ -368,6 +387,7 @@ class MigrationState(AnnouncesStatus):
         """migration_completion: stop the guest, send what is left, wait for
         the destination's SHUT."""
         assert self.channel is not None
+        self.machine.throttle.set(0)        # cpu_throttle_stop: the guest stops anyway
         self.times.downtime_start = self.clock()
         self._mark("src-downtime-start")
         old_runstate = self.machine.runstate
@@ -419,6 +439,7 @@ class MigrationState(AnnouncesStatus):
 
     def _finish(self) -> None:
         """migration_iteration_finish + cleanup: final status, run state, threads."""
+        self.machine.throttle.set(0)
         savevm.qemu_savevm_state_cleanup(
             self.savevm, lambda h, exc: log.debug("save_cleanup of %s failed: %s", h.idstr, exc))
         status = self.sm.status
@@ -480,7 +501,9 @@ class MigrationState(AnnouncesStatus):
             status=status, now=self.clock(), times=stats.times, stats=stats, ram=figures,
             ram_total=self.machine.ram.size, transferred=self.transferred(),
             switchover_ack=self.caps.switchover_ack, ack_users=self.switchover_ack_user_num,
-            acked=acked, error_desc=error)
+            acked=acked, error_desc=error,
+            cpu_throttle_percentage=(self.machine.throttle.percentage
+                                     if self.caps.auto_converge else None))
 
     def query(self) -> dict[str, Any]:
         return query_migrate_info(self.snapshot())

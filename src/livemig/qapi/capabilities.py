@@ -89,6 +89,7 @@ IMPLEMENTED: Final = frozenset(
         "validate-uuid",
         "multifd",
         "zero-blocks",
+        "auto-converge",
     }
 )
 
