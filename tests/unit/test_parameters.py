@@ -68,7 +68,8 @@ def test_defaults_equal_qemu_dump_in_member_order() -> None:
 
 def test_schema_order_is_migration_parameters_order() -> None:
     assert [n for n in SCHEMA if n != "block-bitmap-mapping"] == list(DEFAULTS)
-    assert list(SCHEMA).index("block-bitmap-mapping") == list(SCHEMA).index("multifd-zstd-level") + 1
+    order = list(SCHEMA)
+    assert order.index("block-bitmap-mapping") == order.index("multifd-zstd-level") + 1
 
 
 def test_block_bitmap_mapping_absent_until_set() -> None:
