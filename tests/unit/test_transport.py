@@ -681,13 +681,14 @@ def test_exec_spawn_failure() -> None:
         open_outgoing(ExecAddress([]))
 
 
-def test_fd_is_parsed_but_not_supported() -> None:
+def test_fd_without_its_descriptor_is_not_found() -> None:
+    """The commands layer resolves fd:NAME (getfd); unresolved, QEMU's text."""
     addr = parse_uri("fd:migfd")
     for fn in (open_outgoing, listen):
         with pytest.raises(TransportError) as info:
             fn(addr)
-        assert "fd: migration is not supported" in info.value.desc
-        assert info.value.errno == errno.ENOTSUP
+        assert info.value.desc == "File descriptor named 'migfd' has not been found"
+        assert info.value.errno == errno.EBADF
 
 
 # ------------------------------------------------------------------ shutdown

@@ -165,3 +165,102 @@ MIGRATION_CHANNEL_TYPE: Final = Enum("MigrationChannelType", ("main", "cpr"))
 MIGRATION_CHANNEL: Final = struct("MigrationChannel", {
     "channel-type": MIGRATION_CHANNEL_TYPE, "addr": MIGRATION_ADDRESS})
 MIGRATION_CHANNEL_LIST: Final = Array(MIGRATION_CHANNEL)
+
+
+# -- return types of livemig's commands (QEMU 10.0's names; the members livemig returns) --
+# Each is the shape the handler really returns; tests/unit/test_qmp_schema.py calls
+# every command and checks the answer against query-qmp-schema's ret-type.
+VERSION_TRIPLE: Final = struct("VersionTriple", {"major": "int", "minor": "int",
+                                                 "micro": "int"})
+VERSION_INFO: Final = struct("VersionInfo", {"qemu": VERSION_TRIPLE, "package": "str"})
+COMMAND_INFO: Final = struct("CommandInfo", {"name": "str"})
+NAME_INFO: Final = struct("NameInfo", {"*name": "str"})
+RUN_STATE: Final = Enum("RunState", (
+    "debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate",
+    "prelaunch", "finish-migrate", "restore-vm", "running", "save-vm", "shutdown",
+    "suspended", "watchdog", "guest-panicked", "colo"))
+STATUS_INFO: Final = struct("StatusInfo", {"running": "bool", "status": RUN_STATE})
+KVM_INFO: Final = struct("KvmInfo", {"enabled": "bool", "present": "bool"})
+UUID_INFO: Final = struct("UuidInfo", {"UUID": "str"})
+SYS_EMU_TARGET: Final = Enum("SysEmuTarget", ("x86_64",))  # the one target livemig has
+TARGET_INFO: Final = struct("TargetInfo", {"arch": SYS_EMU_TARGET})
+MACHINE_INFO: Final = struct("MachineInfo", {
+    "name": "str", "*alias": "str", "*is-default": "bool", "cpu-max": "int",
+    "hotpluggable-cpus": "bool", "numa-mem-supported": "bool", "deprecated": "bool",
+    "*default-cpu-type": "str", "*default-ram-id": "str", "acpi": "bool"})
+CPU_INSTANCE_PROPERTIES: Final = struct("CpuInstanceProperties", {
+    "*node-id": "int", "*drawer-id": "int", "*book-id": "int", "*socket-id": "int",
+    "*die-id": "int", "*cluster-id": "int", "*module-id": "int", "*core-id": "int",
+    "*thread-id": "int"})
+CPU_INFO_FAST: Final = struct("CpuInfoFast", {
+    "cpu-index": "int", "qom-path": "str", "thread-id": "int",
+    "*props": CPU_INSTANCE_PROPERTIES, "target": SYS_EMU_TARGET})
+MIGRATION_THREAD_INFO: Final = struct("MigrationThreadInfo", {"name": "str",
+                                                              "thread-id": "int"})
+ADDFD_INFO: Final = struct("AddfdInfo", {"fdset-id": "int", "fd": "int"})
+FDSET_FD_INFO: Final = struct("FdsetFdInfo", {"fd": "int", "*opaque": "str"})
+FDSET_INFO: Final = struct("FdsetInfo", {"fdset-id": "int", "fds": Array(FDSET_FD_INFO)})
+MIGRATION_STATUS: Final = Enum("MigrationStatus", (
+    "none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
+    "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "completed",
+    "failed", "colo", "pre-switchover", "device", "wait-unplug"))
+MIGRATION_STATS: Final = struct("MigrationStats", {
+    "transferred": "int", "remaining": "int", "total": "int", "duplicate": "int",
+    "normal": "int", "normal-bytes": "int", "dirty-pages-rate": "int", "mbps": "number",
+    "dirty-sync-count": "int", "postcopy-requests": "int", "page-size": "int",
+    "multifd-bytes": "uint64", "pages-per-second": "uint64", "precopy-bytes": "uint64",
+    "downtime-bytes": "uint64", "postcopy-bytes": "uint64",
+    "dirty-sync-missed-zero-copy": "uint64"})
+# livemig's own members (x-): the switchover-ack view of either side; QAPI has no
+# map type, so name -> milliseconds maps are 'any'.
+X_SWITCHOVER_ACK_INFO: Final = struct("XSwitchoverAckInfo", {
+    "*users": "int", "*acked": "bool", "*ack-time": "int", "*waiting": "bool",
+    "*pending": "int", "*approved": "any"})
+MIGRATION_INFO: Final = struct("MigrationInfo", {
+    "*status": MIGRATION_STATUS, "*ram": MIGRATION_STATS, "*total-time": "int",
+    "*expected-downtime": "int", "*downtime": "int", "*setup-time": "int",
+    "*error-desc": "str", "*socket-address": Array(SOCKET_ADDRESS),
+    "*x-switchover-ack": X_SWITCHOVER_ACK_INFO, "*x-windows": Array("any"),
+    "*x-downtime-checkpoints": "any", "*x-load-checkpoints": "any"})
+X_ACCEL_DIGEST_INFO: Final = struct("XAccelDigestInfo", {"sha256": "str"})
+
+# SchemaInfo (qapi/introspect.json): query-qmp-schema's own return type.
+SCHEMA_META_TYPE: Final = Enum("SchemaMetaType", (
+    "builtin", "enum", "array", "object", "alternate", "command", "event"))
+JSON_TYPE: Final = Enum("JSONType", ("string", "number", "int", "boolean", "null",
+                                     "object", "array", "value"))
+_FEATURES: Final = Array("str")
+SCHEMA_INFO_ENUM_MEMBER: Final = struct("SchemaInfoEnumMember",
+                                        {"name": "str", "*features": _FEATURES})
+SCHEMA_INFO_OBJECT_MEMBER: Final = struct("SchemaInfoObjectMember", {
+    "name": "str", "type": "str", "*default": "any", "*features": _FEATURES})
+SCHEMA_INFO_OBJECT_VARIANT: Final = struct("SchemaInfoObjectVariant",
+                                           {"case": "str", "type": "str"})
+SCHEMA_INFO: Final = Union(
+    "SchemaInfo", struct(None, {"name": "str", "meta-type": SCHEMA_META_TYPE,
+                                "*features": _FEATURES}), "meta-type",
+    (("builtin", struct("SchemaInfoBuiltin", {"json-type": JSON_TYPE})),
+     ("enum", struct("SchemaInfoEnum", {"members": Array(SCHEMA_INFO_ENUM_MEMBER),
+                                        "values": Array("str")})),
+     ("array", struct("SchemaInfoArray", {"element-type": "str"})),
+     ("object", struct("SchemaInfoObject", {
+         "members": Array(SCHEMA_INFO_OBJECT_MEMBER), "*tag": "str",
+         "*variants": Array(SCHEMA_INFO_OBJECT_VARIANT)})),
+     ("alternate", struct("SchemaInfoAlternate", {
+         "members": Array(struct("SchemaInfoAlternateMember", {"type": "str"}))})),
+     ("command", struct("SchemaInfoCommand", {"arg-type": "str", "ret-type": "str",
+                                              "*allow-oob": "bool"})),
+     ("event", struct("SchemaInfoEvent", {"arg-type": "str"}))))
+
+# -- events livemig emits, with their data (qapi/run-state.json, qapi/migration.json) --
+SHUTDOWN_CAUSE: Final = Enum("ShutdownCause", (
+    "none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal",
+    "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset",
+    "snapshot-load"))
+EVENTS: Final[dict[str, Object]] = {
+    "SHUTDOWN": struct(None, {"guest": "bool", "reason": SHUTDOWN_CAUSE}),
+    "STOP": struct(None, {}),
+    "RESUME": struct(None, {}),
+    "MIGRATION": struct(None, {"status": MIGRATION_STATUS}),
+    "MIGRATION_PASS": struct(None, {"pass": "int"}),
+}

@@ -6,6 +6,8 @@ handed to the migration threads, which report back through events.
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from livemig.machine.runstate import RunState
@@ -17,29 +19,85 @@ from livemig.qapi.errors import (
     INCOMING_NOT_SPECIFIED,
     MIGRATION_IN_PROGRESS,
 )
-from livemig.qapi.parameters import MIGRATE_SET_PARAMETERS
+from livemig.qapi import schema
+from livemig.qapi.schema import Array
+from livemig.qapi.capabilities import MIGRATION_CAPABILITY_STATUS_LIST
+from livemig.qapi.parameters import MIGRATE_SET_PARAMETERS, MIGRATION_PARAMETERS
+from livemig.qmp import fds as monitor_fds
+from livemig.qmp import introspect
 from livemig.qmp.errors import QMPError
+from livemig.qmp.fds import FdSets
 from livemig.qmp.registry import ArgSpec, CommandRegistry
-from livemig.transport import TransportError, resolve_migrate_args
+from livemig.transport import (
+    Address,
+    FdAddress,
+    FileAddress,
+    TransportError,
+    resolve_migrate_args,
+)
+from livemig.transport.uri import is_fdset_path
 
 if TYPE_CHECKING:
     from livemig.cli.run import VmProcess
 
-_CHANNELS = ArgSpec("list", items="dict")
+_CHANNELS = schema.MIGRATION_CHANNEL_LIST
+# What a /dev/fdset/N descriptor must have been opened with (QEMU's file: flags).
+_FILE_OUT_FLAGS = os.O_CREAT | os.O_WRONLY
+_FILE_IN_FLAGS = os.O_RDONLY
+# Threads query-migrationthreads lists (QEMU's migration_threads_add callers).
+_MIGRATION_THREADS = ("live_migration", "mig/src/send_")
+
+
+def _thread_id(name: str) -> int | None:
+    for thread in threading.enumerate():
+        if thread.name == name and thread.native_id is not None:
+            return thread.native_id
+    return None
+
+
+def resolve_descriptors(address: Address, fdsets: FdSets, *, incoming: bool) -> Address:
+    """Give ``fd:NAME`` and ``file:/dev/fdset/N`` their descriptor now, so a wrong
+    name fails the command at once with QEMU's text (``monitor_get_fd``,
+    ``qemu_open``), and the transport opens a descriptor, not a name."""
+    if isinstance(address, FdAddress):
+        # QEMU 10.0: migrate takes monitor names only; migrate-incoming also numbers.
+        fd = (monitor_fds.monitor_fd_param(address.name) if incoming
+              else monitor_fds.current().take(address.name))
+        return FdAddress(address.name, fd=fd)
+    if isinstance(address, FileAddress) and is_fdset_path(address.filename):
+        fd = fdsets.dup_fd(address.filename, _FILE_IN_FLAGS if incoming else _FILE_OUT_FLAGS)
+        return FileAddress(address.filename, address.offset, fd=fd)
+    return address
+
+
+def _close_descriptor(address: Address) -> None:
+    fd = getattr(address, "fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     machine = vm.machine
+    fdsets = FdSets()
+    for fd, fdset_id, opaque in getattr(vm.opts, "add_fds", ()):
+        try:
+            monitor_fds.add_fd_option(fdsets, fd, fdset_id, opaque)
+        except ValueError as exc:
+            spec = f"fd={fd},set={fdset_id}" + (f",opaque={opaque}" if opaque else "")
+            raise ValueError(f"-add-fd {spec}: {exc}") from None
 
-    @reg.register("query-name")
+    @reg.register("query-name", returns=schema.NAME_INFO)
     def query_name(args: dict) -> dict:
         return {"name": vm.name} if vm.name else {}
 
-    @reg.register("query-status")
+    @reg.register("query-status", returns=schema.STATUS_INFO)
     def query_status(args: dict) -> dict:
         return {"running": machine.is_running(), "status": machine.runstate.value}
 
-    @reg.register("query-kvm")
+    @reg.register("query-kvm", returns=schema.KVM_INFO)
     def query_kvm(args: dict) -> dict:
         from livemig.machine.machine import kvm_usable
         return {"enabled": machine.accel_name == "kvm", "present": kvm_usable()[0]}
@@ -68,7 +126,7 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
         vm.request_quit("host-qmp-quit")
 
     # -- capabilities and parameters -------------------------------------------------
-    @reg.register("query-migrate-capabilities")
+    @reg.register("query-migrate-capabilities", returns=MIGRATION_CAPABILITY_STATUS_LIST)
     def query_caps(args: dict) -> list:
         return vm.caps.as_qmp_list()
 
@@ -80,7 +138,7 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
                              incoming_started=vm.incoming.started,
                              params=vm.params.as_qmp())
 
-    @reg.register("query-migrate-parameters")
+    @reg.register("query-migrate-parameters", returns=MIGRATION_PARAMETERS)
     def query_params(args: dict) -> dict:
         return vm.params.as_qmp()
 
@@ -92,7 +150,7 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             vm.source.apply_max_bandwidth()
 
     # -- migration ---------------------------------------------------------------------------
-    @reg.register("query-migrate")
+    @reg.register("query-migrate", returns=schema.MIGRATION_INFO)
     def query_migrate(args: dict) -> dict:
         if vm.source.status is not MigrationStatus.NONE:
             return vm.source.query()
@@ -114,7 +172,12 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             raise QMPError("Guest is waiting for an incoming migration")
         if machine.runstate is RunState.POSTMIGRATE:
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
-        vm.source.migrate(address)
+        address = resolve_descriptors(address, fdsets, incoming=False)
+        try:
+            vm.source.migrate(address)
+        except BaseException:
+            _close_descriptor(address)
+            raise
 
     @reg.register("migrate-incoming", args={"*uri": "str", "*channels": _CHANNELS,
                                             "*exit-on-error": "bool"})
@@ -127,8 +190,13 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             # The same resolution as migrate's (qemu_start_incoming_migration).
             address = resolve_migrate_args(args.get("uri"), args.get("channels"),
                                            incoming=True, multifd=vm.caps.multifd)
+        except TransportError as exc:
+            raise QMPError(exc.desc) from None
+        address = resolve_descriptors(address, fdsets, incoming=True)
+        try:
             vm.incoming.start(address, exit_on_error=args.get("exit-on-error", True))
         except TransportError as exc:
+            _close_descriptor(address)
             raise QMPError(exc.desc) from None
 
     @reg.register("migrate_cancel")
@@ -177,18 +245,106 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
         raise QMPError("Enable postcopy with migrate_set_capability before the start of "
                        "migration")
 
-    @reg.register("migrate-pause")
+    @reg.register("migrate-pause", allow_oob=True)
     def migrate_pause(args: dict) -> None:
         raise QMPError("migrate-pause is currently only supported during postcopy-active or "
                        "postcopy-recover state")
 
-    @reg.register("migrate-recover", args={"uri": "str"})
+    @reg.register("migrate-recover", args={"uri": "str"}, allow_oob=True)
     def migrate_recover(args: dict) -> None:
         raise QMPError("Migrate recover can only be run when postcopy is paused.")
 
-    @reg.register("x-accel-digest", args={"id": "str"}, blocking=True)
+    @reg.register("x-accel-digest", args={"id": "str"}, blocking=True,
+                  returns=schema.X_ACCEL_DIGEST_INFO)
     def accel_digest(args: dict) -> dict[str, Any]:
         dev = machine.devices.get(args["id"])
         if dev is None:
             raise QMPError(f"Device '{args['id']}' not found", error_class=DEVICE_NOT_FOUND)
         return {"sha256": dev.digest()}
+
+    # -- the machine, for managers (QEMU's qapi/machine.json, qapi/misc.json) ---------------
+    @reg.register("query-machines", args={"*compat-props": "bool"},
+                  returns=Array(schema.MACHINE_INFO))
+    def query_machines(args: dict) -> list[dict[str, Any]]:
+        from livemig.cli.run_options import DEFAULT_MACHINE, MACHINE_TYPES
+        out = []
+        for name, _desc, alias in MACHINE_TYPES:
+            info: dict[str, Any] = {"name": name}
+            if alias:
+                info["alias"] = alias
+            if name == DEFAULT_MACHINE:
+                info["is-default"] = True
+            info.update({"cpu-max": 1, "hotpluggable-cpus": False,
+                         "numa-mem-supported": False, "deprecated": False,
+                         "default-cpu-type": "max-x86_64-cpu",
+                         "default-ram-id": machine.ram.idstr, "acpi": False})
+            out.append(info)
+        return out
+
+    @reg.register("query-cpus-fast", returns=Array(schema.CPU_INFO_FAST))
+    def query_cpus_fast(args: dict) -> list[dict[str, Any]]:
+        # The vCPU thread exists once the guest first ran; before, the main thread runs it.
+        thread_id = _thread_id("vcpu0") or threading.main_thread().native_id or os.getpid()
+        return [{"cpu-index": 0, "qom-path": "/machine/unattached/device[0]",
+                 "thread-id": thread_id,
+                 "props": {"core-id": 0, "thread-id": 0, "socket-id": 0},
+                 "target": "x86_64"}]
+
+    @reg.register("query-uuid", returns=schema.UUID_INFO)
+    def query_uuid(args: dict) -> dict[str, str]:
+        import uuid
+        raw = machine.uuid_bytes or bytes(16)
+        return {"UUID": str(uuid.UUID(bytes=raw))}
+
+    @reg.register("query-target", returns=schema.TARGET_INFO)
+    def query_target(args: dict) -> dict[str, str]:
+        return {"arch": "x86_64"}
+
+    @reg.register("query-migrationthreads", returns=Array(schema.MIGRATION_THREAD_INFO),
+                  features=("deprecated",))
+    def query_migrationthreads(args: dict) -> list[dict[str, Any]]:
+        out = []
+        for thread in threading.enumerate():
+            if (thread.name.startswith(_MIGRATION_THREADS) and thread.is_alive()
+                    and thread.native_id is not None and " " not in thread.name):
+                out.append({"name": thread.name, "thread-id": thread.native_id})
+        return out
+
+    # -- file descriptors (QEMU's monitor/fds.c) ---------------------------------------------
+    @reg.register("getfd", args={"fdname": "str"})
+    def getfd(args: dict) -> None:
+        monitor_fds.current().getfd(args["fdname"])
+
+    @reg.register("closefd", args={"fdname": "str"})
+    def closefd(args: dict) -> None:
+        monitor_fds.current().closefd(args["fdname"])
+
+    @reg.register("add-fd", args={"*fdset-id": "int", "*opaque": "str"},
+                  returns=schema.ADDFD_INFO)
+    def add_fd(args: dict) -> dict[str, int]:
+        fd = monitor_fds.current().take_received()
+        if fd is None:
+            raise QMPError(monitor_fds.NO_FD_SUPPLIED)
+        try:
+            return fdsets.add(fd, args.get("fdset-id"), args.get("opaque"))
+        except QMPError:
+            os.close(fd)
+            raise
+
+    @reg.register("remove-fd", args={"fdset-id": "int", "*fd": "int"})
+    def remove_fd(args: dict) -> None:
+        fdsets.remove(args["fdset-id"], args.get("fd"))
+
+    @reg.register("query-fdsets", returns=Array(schema.FDSET_INFO))
+    def query_fdsets(args: dict) -> list[dict[str, Any]]:
+        return fdsets.query()
+
+    # -- introspection: generated from this registry, the server's protocol commands
+    # and the events; registered last, so it lists itself in dispatch order.
+    @reg.register("query-qmp-schema", returns=Array(schema.SCHEMA_INFO),
+                  allow_preconfig=True)
+    def query_qmp_schema(args: dict) -> list[dict[str, Any]]:
+        return introspect.query_qmp_schema(
+            # The server keeps its protocol commands (qmp_capabilities, query-version,
+            # query-commands) itself; their arguments come from there.
+            [*introspect.protocol_commands(vm.server._builtins.values()), *reg], reg.events)

@@ -34,6 +34,12 @@ absent are absent) and return the ``return`` value (None means ``{}``);
 they may be ``async def``. A plain function that may block (takes locks
 held by the migration thread, does I/O) is registered with
 ``blocking=True`` and then runs in the loop's default executor.
+
+Each command also declares what it returns (``returns=``: a
+``livemig.qapi.schema`` type, QEMU's type name; None means ``{}``), and the
+registry holds the events the VM emits (``schema.EVENTS`` by default), so
+``query-qmp-schema`` (``livemig.qmp.introspect``) is generated from this one
+table and cannot drift from what is checked and returned.
 """
 
 from __future__ import annotations
@@ -160,6 +166,10 @@ class Command:
     args: dict[str, ArgSpec]
     allow_preconfig: bool = False
     blocking: bool = False
+    # What the handler returns (None: the empty object), QEMU's 'returns'.
+    ret_type: QapiType | None = None
+    allow_oob: bool = False
+    features: tuple[str, ...] = ()
     # The arguments as schema data (walked by the visitor, later by query-qmp-schema).
     arg_type: Object = field(init=False, repr=False, compare=False)
 
@@ -183,8 +193,10 @@ class CommandRegistry:
 
     RESERVED: Final = frozenset({"qmp_capabilities", "query-version", "query-commands"})
 
-    def __init__(self) -> None:
+    def __init__(self, events: Mapping[str, Object] | None = None) -> None:
         self._commands: dict[str, Command] = {}
+        # Event name -> its data's type (query-qmp-schema lists them).
+        self.events: dict[str, Object] = dict(schema.EVENTS if events is None else events)
 
     def register(
         self,
@@ -194,6 +206,9 @@ class CommandRegistry:
         args: Mapping[str, ArgSpec | str | QapiType] | Object | None = None,
         allow_preconfig: bool = False,
         blocking: bool = False,
+        returns: QapiType | None = None,
+        allow_oob: bool = False,
+        features: tuple[str, ...] = (),
     ) -> Any:
         """Register ``handler`` for command ``name``.
 
@@ -201,14 +216,17 @@ class CommandRegistry:
         any argument is "unexpected", as in QEMU). ``allow_preconfig``: may
         run before the machine is ready (QEMU's ``'allow-preconfig'``).
         ``blocking``: a plain function that may block; it runs in the
-        default executor instead of on the event loop.
+        default executor instead of on the event loop. ``returns``: the
+        type of the return value (None: ``{}``). ``allow_oob``, ``features``:
+        what ``query-qmp-schema`` says of the command (QEMU's flags).
 
         Without ``handler`` this returns a decorator.
         """
         if handler is None:
             def decorator(func: Handler) -> Handler:
                 self.register(name, func, args=args, allow_preconfig=allow_preconfig,
-                              blocking=blocking)
+                              blocking=blocking, returns=returns, allow_oob=allow_oob,
+                              features=features)
                 return func
             return decorator
         if not name or not isinstance(name, str):
@@ -221,8 +239,11 @@ class CommandRegistry:
             raise TypeError(f"handler for {name!r} is not callable")
         if blocking and inspect.iscoroutinefunction(handler):
             raise ValueError(f"{name!r}: blocking=True is for plain functions, not async def")
+        if returns is not None:
+            schema.check_type(returns)
         command = Command(name, handler, normalize_args(args or {}),
-                          allow_preconfig=allow_preconfig, blocking=blocking)
+                          allow_preconfig=allow_preconfig, blocking=blocking,
+                          ret_type=returns, allow_oob=allow_oob, features=tuple(features))
         self._commands[name] = command
         return handler
 

@@ -24,11 +24,13 @@ and :meth:`QMPServer.request_quit`, which any thread may call.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import functools
 import inspect
 import logging
+import os
 import socket
 import threading
 import time
@@ -46,6 +48,8 @@ from livemig.qmp.chardev import (
     unlink_socket,
 )
 from livemig.qmp.errors import QMPError, error_fields
+from livemig.qmp.fds import CURRENT as CURRENT_MONITOR_FDS
+from livemig.qmp.fds import MonitorFds
 from livemig.qmp.qjson import (
     QEMU_MAX_NESTING,
     JSONMessageParser,
@@ -70,6 +74,8 @@ log = logging.getLogger(__name__)
 _QMP_CAPABILITIES_ARGS: Final = normalize_args(
     {"*enable": ArgSpec("list", items=ArgSpec("str", enum=("oob",)))})
 _READ_CHUNK: Final = 64 * 1024  # bytes per read
+_MAX_FDS: Final = 16  # descriptors taken from one read (SCM_RIGHTS); more are cut off
+_INT_SIZE: Final = array.array("i").itemsize
 _CLOSE_GRACE_S: Final = 1.0  # seconds a closing client gets to take its last bytes
 
 
@@ -100,6 +106,57 @@ class _Session:
                                         max_token_count=max(1024, server.max_input_bytes // 16),
                                         max_nesting=server.max_nesting)
         self.peer = writer.get_extra_info("peername") or writer.get_extra_info("sockname")
+        # Descriptors this client passed (SCM_RIGHTS) and named (getfd).
+        self.fds = MonitorFds()
+        # On a UNIX socket the client's bytes are read with recvmsg(), so that
+        # descriptors sent with them arrive: the transport stops reading (before
+        # its first read: this runs before the loop polls the new socket) and a
+        # duplicate of the socket is read instead; writes stay with the transport.
+        self.rsock: socket.socket | None = None
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            self.rsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM,
+                                       fileno=os.dup(sock.fileno()))
+            self.rsock.setblocking(False)
+
+    async def read(self) -> bytes:
+        """The next bytes from the client (b"" at EOF), taking passed descriptors."""
+        if self.rsock is None:
+            return await self.reader.read(_READ_CHUNK)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, ancdata, _flags, _ = self.rsock.recvmsg(
+                    _READ_CHUNK, socket.CMSG_SPACE(_MAX_FDS * _INT_SIZE),
+                    socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                ready: asyncio.Future[None] = loop.create_future()
+                fileno = self.rsock.fileno()
+
+                def wake(ready: asyncio.Future[None] = ready) -> None:
+                    if not ready.done():
+                        ready.set_result(None)
+                loop.add_reader(fileno, wake)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fileno)
+                continue
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % _INT_SIZE
+                    fds.extend(array.array("i", payload[:usable]))
+            if fds:
+                self.fds.receive(fds)   # QEMU keeps the last batch received
+            return data
+
+    def release(self) -> None:
+        """The client is gone: its descriptors and the read socket are closed."""
+        self.fds.close()
+        if self.rsock is not None:
+            self.rsock.close()
 
     def send(self, msg: dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -310,8 +367,16 @@ class QMPServer:
 
     async def _serve(self, session: _Session) -> None:
         """Read, parse and answer requests of one client, in order."""
+        # The commands of this client's task find its descriptors (monitor_cur()).
+        CURRENT_MONITOR_FDS.set(session.fds)
+        try:
+            await self._serve_requests(session)
+        finally:
+            session.release()
+
+    async def _serve_requests(self, session: _Session) -> None:
         while True:
-            data = await session.reader.read(_READ_CHUNK)
+            data = await session.read()
             if not data:
                 return
             for request, parse_error in session.parser.feed(data):

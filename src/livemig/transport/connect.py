@@ -34,10 +34,30 @@ from livemig.transport.uri import (
 UNIX_PATH_MAX = 108
 
 
-def fd_unsupported(addr: FdAddress) -> TransportError:
-    return TransportError(
-        f"fd: migration is not supported by livemig (no monitor file descriptor "
-        f"'{addr.name}')", errno.ENOTSUP)
+def fd_unresolved(addr: FdAddress) -> TransportError:
+    """An ``fd:NAME`` that reached the transport without its descriptor."""
+    return TransportError(f"File descriptor named '{addr.name}' has not been found",
+                          errno.EBADF)
+
+
+def open_fd(fd: int, name: str) -> Channel:
+    """A channel on descriptor ``fd`` (owned from now on): QEMU's ``qio_channel_new_fd``.
+
+    A socket is a :class:`SocketChannel` (blocking, with a return path), a
+    pipe, FIFO or file an :class:`FdChannel`.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise TransportError(f"File descriptor '{name}': {exc.strerror}", exc.errno) from exc
+    if stat.S_ISSOCK(mode):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            with contextlib.suppress(OSError):
+                tune_socket(sock)
+        return SocketChannel(sock)
+    return FdChannel(fd, kind="fd", noun="file descriptor")
 
 
 def open_outgoing(addr: Address, *, connect_timeout_s: float | None = None) -> Channel:
@@ -55,8 +75,10 @@ def open_outgoing(addr: Address, *, connect_timeout_s: float | None = None) -> C
             return _open_file_outgoing(addr)
         case ExecAddress():
             return CommandChannel.spawn(addr.args, child_reads=True)
+        case FdAddress(fd=int() as fd):
+            return open_fd(fd, addr.name)
         case FdAddress():
-            raise fd_unsupported(addr)
+            raise fd_unresolved(addr)
     raise TypeError(f"not a migration address: {addr!r}")
 
 
@@ -111,7 +133,8 @@ def _open_file_outgoing(addr: FileAddress) -> FdChannel:
     FIFO) are neither truncated nor, at offset 0, seeked.
     """
     try:
-        fd = os.open(addr.filename, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fd = addr.fd if addr.fd is not None else os.open(
+            addr.filename, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise TransportError(f"Unable to open {addr.filename}: {exc.strerror}",
                              exc.errno) from exc

@@ -28,7 +28,7 @@ from livemig.transport.channel import (
     os_error_text,
     tune_socket,
 )
-from livemig.transport.connect import UNIX_PATH_MAX, fd_unsupported
+from livemig.transport.connect import UNIX_PATH_MAX, fd_unresolved, open_fd
 from livemig.transport.errors import TransportError
 from livemig.transport.uri import (
     Address,
@@ -240,8 +240,12 @@ def listen(addr: Address) -> Listener:
             return _OneShotListener(addr, _open_file_incoming(addr))
         case ExecAddress():
             return _OneShotListener(addr, CommandChannel.spawn(addr.args, child_reads=False))
+        case FdAddress(fd=int() as fd):
+            # QEMU's fd_start_incoming_migration: the stream is the descriptor
+            # itself (a connected socket, a pipe, a file), nothing is accepted.
+            return _OneShotListener(addr, open_fd(fd, addr.name))
         case FdAddress():
-            raise fd_unsupported(addr)
+            raise fd_unresolved(addr)
     raise TypeError(f"not a migration address: {addr!r}")
 
 
@@ -351,7 +355,8 @@ def _listen_unix(addr: UnixAddress) -> socket.socket:
 
 def _open_file_incoming(addr: FileAddress) -> FdChannel:
     try:
-        fd = os.open(addr.filename, os.O_RDONLY | os.O_CLOEXEC)
+        fd = addr.fd if addr.fd is not None else os.open(
+            addr.filename, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise TransportError(f"Unable to open {addr.filename}: {exc.strerror}",
                              exc.errno) from exc

@@ -60,10 +60,16 @@ class UnixAddress:
 
 @dataclass(frozen=True)
 class FileAddress:
-    """``file:PATH[,offset=N]``: the stream starts ``offset`` bytes into the file."""
+    """``file:PATH[,offset=N]``: the stream starts ``offset`` bytes into the file.
+
+    ``fd``: the file already open (``/dev/fdset/N``: the commands layer
+    duplicated a member of the set); opening uses it instead of ``filename``
+    and owns it from then on.
+    """
 
     filename: str
     offset: int = 0
+    fd: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,27 @@ class ExecAddress:
 
 @dataclass(frozen=True)
 class FdAddress:
-    """``fd:NAME``: a monitor file descriptor. Parsed only; livemig cannot open it."""
+    """``fd:NAME``: a monitor file descriptor.
+
+    Parsing gives the name only; the commands layer resolves it (``getfd``'s
+    table, QEMU's ``monitor_get_fd``) into ``fd``, which opening takes over:
+    a socket becomes a socket channel (with a return path), a pipe or file
+    an fd channel.
+    """
 
     name: str
+    fd: int | None = field(default=None, compare=False, repr=False)
 
 
 Address = InetAddress | UnixAddress | FileAddress | ExecAddress | FdAddress
+
+
+FDSET_PREFIX = "/dev/fdset/"
+
+
+def is_fdset_path(filename: str) -> bool:
+    """``/dev/fdset/N``: a descriptor set of the monitor, not a file (``qemu_open``)."""
+    return filename.startswith(FDSET_PREFIX)
 
 
 # --------------------------------------------------------------------------- URIs
