@@ -4,6 +4,7 @@ faster than a capped link is seen to stall (``x-convergence``) and, with
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -99,4 +100,81 @@ def test_auto_converge_completes_a_full_speed_walk_under_a_bandwidth_cap(vms):
         assert await runstate(dst) == "running"
         await wait_guest_runs(dst)
         assert (await src.cmd("query-status"))["status"] == "postmigrate"
+    run_with(vms, body)
+
+
+SLOW_DEVICE = "accel,id=acc0,size=4M,init-size=512K,prepare-ms=400"
+
+
+async def _paced_pair(vms, caps: dict[str, bool]):
+    src = await vms.start("src", ram="64M", walk_end="8M", walk_rate=2000,
+                          devices=[SLOW_DEVICE])
+    dst = await vms.start("dst", ram="64M", walk_end="8M", walk_rate=2000,
+                          devices=[SLOW_DEVICE], incoming="defer")
+    for vm in (src, dst):
+        await vm.set_caps(events=True, **caps)
+    await src.set_params(max_bandwidth=0, downtime_limit=300)
+    return src, dst, await start_incoming(dst)
+
+
+@pytest.mark.timeout(60)
+def test_a_device_preparing_past_the_limit_is_not_switched_into(vms):
+    """Without switchover-ack the destination reported at setup that acc0 needs
+    400 ms after the last byte: at downtime-limit 300 the source does not
+    switch over (QEMU would, blind), says why, and fails at x-stall-timeout."""
+    async def body():
+        src, dst, uri = await _paced_pair(vms, {"return-path": True})
+        await src.set_params(x_stall_timeout=500)
+        await src.cmd("migrate", uri=uri)
+        info = await wait_completed(src, timeout=30)
+        assert info["status"] == "failed"
+        desc = info["error-desc"]
+        assert re.search(r"the destination needs 4\d\d ms", desc), desc   # 400 + the RP trip
+        assert "more than downtime-limit 300 ms" in desc, desc
+        assert "switchover-ack" in desc
+        assert await runstate(src) == "running"
+        assert (await dst.cmd("query-status"))["status"] == "inmigrate"
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(60)
+def test_the_estimate_counts_what_the_destination_reports(vms):
+    """With switchover-ack the device prepares before the switchover: its cost
+    is gone from the prediction, the migration completes, and while it ran the
+    estimate was the destination's (load rate, device cost, return path)."""
+    async def body():
+        src, dst, uri = await _paced_pair(vms, {"return-path": True, "switchover-ack": True})
+        await src.cmd("migrate", uri=uri)
+        seen: dict = {}
+
+        async def estimated() -> bool:
+            info = await src.cmd("query-migrate")
+            est = info.get("x-downtime-estimate")
+            if est:
+                seen.update(est)
+            return info["status"] == "completed" or est is not None and \
+                est.get("basis") == "destination"
+        await wait_until(estimated, 30, "the destination's estimate", poll=0.02)
+        assert seen["basis"] == "destination" and seen["device-load-ms"] == 0
+        assert seen["total-ms"] >= seen["ram-ms"]
+        assert (await wait_completed(src, timeout=30))["status"] == "completed"
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(60)
+def test_without_a_return_path_the_estimate_is_qemus(vms):
+    async def body():
+        src, dst, uri = await _paced_pair(vms, {})
+        await src.cmd("migrate", uri=uri)
+        seen: dict = {}
+
+        async def estimated() -> bool:
+            info = await src.cmd("query-migrate")
+            seen.update(info.get("x-downtime-estimate", {}))
+            return bool(seen) or info["status"] == "completed"
+        await wait_until(estimated, 30, "an estimate", poll=0.02)
+        # The blind estimate: a 400 ms preparation it cannot know of (the seed's point).
+        if seen:
+            assert seen["basis"] == "bandwidth" and seen["device-load-ms"] == 0
+        assert (await wait_completed(src, timeout=30))["status"] == "completed"
     run_with(vms, body)

@@ -148,6 +148,9 @@ def test_destination_killed_in_device_phase(fleet):
     may land while the final sections are still being written: a write error then.)"""
     async def body():
         src, dst, uri, digest = await pair(fleet, caps=RP, devices=(ACCEL_SLOW_PREPARE,))
+        # The destination reports the 3 s preparation: a limit above it lets the
+        # source switch over into it (at 300 ms the downtime contract forbids it).
+        await src.set_params(downtime_limit=5000)
         await src.cmd("migrate", uri=uri)
         await wait_status(src, "device", timeout=30)
         dst.kill()

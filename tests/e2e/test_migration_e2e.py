@@ -274,6 +274,9 @@ def test_source_switches_over_only_after_the_ack(vms):
 def test_without_switchover_ack_the_preparation_lands_in_the_downtime(vms):
     async def body():
         src, dst = await start_pair(vms, src_caps=RP, devices=(ACCEL,))
+        # The destination reports the preparation (PREPARE_MS) over the return path:
+        # at the default 300 ms limit the source would not switch over into it.
+        await src.set_params(downtime_limit=PREPARE_MS * 3)
         await src.cmd("migrate", uri=await start_incoming(dst))
         info = await wait_completed(src)
         assert info["status"] == "completed", info

@@ -38,14 +38,15 @@ class Events:
                 for _, n, d in self.log]
 
 
-def make_pair(caps: dict[str, bool], devices=(), *, src_ram=64 * MIB, dst_ram=64 * MIB):
+def make_pair(caps: dict[str, bool], devices=(), *, src_ram=64 * MIB, dst_ram=64 * MIB,
+              downtime_limit: int = 300):
     def caps_obj():
         c = Capabilities()
         c.set_from_qmp([{"capability": k, "state": v} for k, v in caps.items()],
                        migration_running=False, incoming_started=False)
         return c
     params = Parameters()
-    params.set_from_qmp({"max-bandwidth": 0})
+    params.set_from_qmp({"max-bandwidth": 0, "downtime-limit": downtime_limit})
     src_ev, dst_ev = Events(), Events()
     src = Machine(MachineConfig(ram_size=src_ram, accel="soft", guest=WALK,
                                 devices=list(devices)), on_event=src_ev)
@@ -139,7 +140,8 @@ def test_source_waits_for_the_ack_before_stopping():
 @pytest.mark.timeout(60)
 def test_without_ack_the_preparation_lands_in_the_downtime():
     dev = AccelDeviceConfig(id="acc0", size=4 * MIB, init_size=1 * MIB, prepare_ms=300)
-    src, dst, out, inc, *_ = make_pair({"return-path": True}, [dev])
+    # A limit above the reported preparation: the contract lets it switch over.
+    src, dst, out, inc, *_ = make_pair({"return-path": True}, [dev], downtime_limit=1000)
     try:
         run_migration(src, out, inc)
         assert out.status is S.COMPLETED, out.error_desc

@@ -369,3 +369,22 @@ def test_auto_converge_completes_where_plain_precopy_stalls():
     assert m.throttles and max(pct for _, pct in m.throttles) <= 99
     assert m.pending_at_completion is not None
     assert m.pending_at_completion < m.threshold
+
+
+# -- the downtime contract ------------------------------------------------------------------
+
+def test_fixed_costs_over_the_limit_never_complete_and_wait_between_passes():
+    s = stats(pending=0, pending_exact=True, threshold=0, fits=False)
+    assert policy.migration_iteration_run(s) == policy.Iterate()
+    assert policy.held_back(s) == "downtime-contract"
+    assert policy.migration_rate_limit(stats(now=0.04), waited_for_ack="downtime-contract") \
+        == policy.Wait(0.05, "downtime-contract")
+
+
+def test_fixed_costs_over_the_limit_are_a_stall_with_that_cause():
+    c = policy.convergence_update(policy.Convergence(), now=1.0, remaining=0, dirty_rate=0,
+                                  bandwidth=1e9, threshold=0, fixed_ms=400, limit_ms=300)
+    assert c.state == "stalled" and not c.fits
+    text = policy.stall_verdict(c, 2.0, 0.5)
+    assert text is not None and "needs 400 ms" in text and "downtime-limit 300 ms" in text
+    assert "switchover-ack" in text

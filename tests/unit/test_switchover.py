@@ -64,3 +64,39 @@ def test_expected_downtime():
 @given(st.floats(0, 1000))
 def test_ack_wait_is_bounded(left_ms):
     assert 0.005 <= sw.ack_wait_seconds(left_ms) <= 0.05
+
+
+# -- the load-aware estimate (issue 12) ---------------------------------------------------
+
+def test_without_destination_costs_it_is_qemus_estimate():
+    est = sw.downtime_estimate(1000.0, 300)
+    assert est.basis == "bandwidth" and est.threshold == 300_000 and est.fits
+    assert est.predicted_ms(150_000) == 150
+
+
+def test_the_slower_of_link_and_destination_load_after_fixed_costs():
+    est = sw.downtime_estimate(1000.0, 300, costs={"ram-load-bytes-per-s": 500_000.0,
+                                                   "device-load-ms": 50.0},
+                               return_path_ms=10.0)
+    assert est.basis == "destination" and est.rate_bytes_per_ms == 500.0
+    assert est.fixed_ms == 60.0 and est.threshold == 500 * 240
+    assert est.predicted_ms(500 * 240) == 300
+    parts = est.parts(100_000)
+    assert parts["ram-ms"] == 200 and parts["total-ms"] == 260
+    assert parts["load-bytes-per-s"] == 500_000 and parts["device-load-ms"] == 50
+
+
+def test_a_device_preparing_longer_than_the_limit_never_fits():
+    est = sw.downtime_estimate(1000.0, 300, costs={"device-load-ms": 400.0})
+    assert not est.fits and est.threshold == 0
+    assert est.predicted_ms(0) == 400
+
+
+@given(st.floats(1, 1e7), st.integers(1, 5000), st.floats(1, 1e7), st.floats(0, 3000))
+def test_a_switchover_at_the_threshold_is_predicted_within_the_limit(bw, limit, load, dev):
+    est = sw.downtime_estimate(bw, limit, costs={"ram-load-bytes-per-s": load * 1000,
+                                                 "device-load-ms": dev})
+    if est.fits:
+        assert est.predicted_ms(est.threshold) <= limit + 1
+    else:
+        assert est.threshold == 0

@@ -171,3 +171,24 @@ def test_random_bytes_raise_only_return_path_error(raw, cuts):
     except ReturnPathError as exc:
         assert 0 <= exc.offset <= len(raw)
         assert not exc.message.startswith(INTERNAL)
+
+
+def test_x_load_costs_round_trip_and_a_qemu_source_refuses_it():
+    from livemig.wire import ReturnPathDecoder, ReturnPathError, XLoadCosts, encode_x_load_costs
+    raw = encode_x_load_costs({"ram-load-bytes-per-s": 1.5e9, "device-load-ms": 400})
+    dec = ReturnPathDecoder()
+    dec.receive_data(raw)
+    assert dec.next_event() == XLoadCosts({"ram-load-bytes-per-s": 1.5e9,
+                                           "device-load-ms": 400.0})
+    qemu = ReturnPathDecoder(accept_x_error=False)
+    qemu.receive_data(raw)
+    with pytest.raises(ReturnPathError, match="Received invalid message 0x4c02"):
+        qemu.next_event()
+
+
+def test_malformed_x_load_costs_is_a_clear_error():
+    from livemig.wire import MigRpMsg, ReturnPathDecoder, ReturnPathError, encode_rp_message
+    dec = ReturnPathDecoder()
+    dec.receive_data(encode_rp_message(MigRpMsg.X_LOAD_COSTS, b'{"a": "x"}'))
+    with pytest.raises(ReturnPathError, match="Malformed X_LOAD_COSTS"):
+        dec.next_event()

@@ -145,6 +145,13 @@ class AccelHandler(SaveVMHandlers):
                                                     daemon=True)
             self._prepare_thread.start()
 
+    def load_cost_ms(self, ctx: LoadContext) -> float:
+        # With switchover-ack the device prepares while the guest still runs on the
+        # source; without it, all of prepare-ms lands after the END section.
+        if ctx.switchover_ack_enabled() and self.dev.config.init_size:
+            return 0.0
+        return float(self.dev.config.prepare_ms)
+
     def _prepare_and_approve(self) -> None:
         self.dev.prepare()
         assert self._ctx is not None

@@ -99,6 +99,12 @@ class SaveVMHandlers:
     # -- destination ------------------------------------------------------------
     def load_setup(self, ctx: LoadContext) -> None: ...
 
+    def load_cost_ms(self, ctx: LoadContext) -> float:
+        """What loading this device's final state costs after the last byte
+        arrived (ms): preparation that switchover-ack does not take out of the
+        downtime. The source counts it in its downtime prediction."""
+        return 0.0
+
     def load_event(self, event: Any) -> None:
         """One decoded payload event of this device's section."""
 

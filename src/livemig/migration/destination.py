@@ -30,6 +30,7 @@ from livemig.qapi.parameters import Parameters
 from livemig.threadname import name_native_thread
 from livemig.transport import Channel, Listener, TransportError, listen
 from livemig.wire import (
+    LIVEMIG_HELLO,
     MULTIFD_INIT_SIZE,
     QEMU_VM_FILE_MAGIC,
     StreamDecoder,
@@ -41,6 +42,8 @@ log = logging.getLogger("livemig.migration")
 EventCallback = Callable[[str, dict | None], None]
 Clock = Callable[[], float]
 MAX_RECORD_BYTES = 16 << 20
+COSTS_PERIOD_S = 0.25          # X_LOAD_COSTS at most this often
+MIN_RATE_BYTES = 4 << 20       # measure the load rate only over at least this much
 
 __all__ = ["IncomingState", "LoadError"]
 
@@ -74,6 +77,12 @@ class IncomingState(AnnouncesStatus):
         self._preread = b""
         self._multifd_flushes = 0
         self._thread: threading.Thread | None = None
+        # The source said hello (PING LIVEMIG_HELLO): it reads X_ERROR and X_LOAD_COSTS.
+        self.peer_livemig = False
+        self._read_blocked_s = 0.0        # load thread time spent waiting for data
+        self._read_bytes = 0
+        self._costs_sent_at = 0.0
+        self.device_cost_ms = 0.0
 
     # -- QMP entry points -----------------------------------------------------------------
     def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:
@@ -185,7 +194,8 @@ class IncomingState(AnnouncesStatus):
         log.info("%s", self.error_desc)
         savevm.qemu_loadvm_state_cleanup(self.savevm)
         if self.rp is not None:
-            self.rp.send_error(reason[:512])
+            if self.peer_livemig:             # a QEMU source would call 0x4c01 invalid
+                self.rp.send_error(reason[:512])
             self.rp.send_shut(1)
             if self.channel is not None:
                 self.channel.linger(2.0)
@@ -208,8 +218,31 @@ class IncomingState(AnnouncesStatus):
         self.load_times.setdefault(name, self.clock() - self._t0)
 
     def read_into(self, buf) -> int:
+        """The load thread's input; it also measures how fast this side loads
+        (bytes per second of the load thread's own work, waits excluded)."""
         assert self.channel is not None
-        return self.channel.recv_into(buf)
+        t0 = self.clock()
+        n = self.channel.recv_into(buf)
+        t1 = self.clock()
+        self._read_blocked_s += t1 - t0
+        self._read_bytes += n
+        if self.peer_livemig and t1 - self._costs_sent_at >= COSTS_PERIOD_S:
+            self._send_costs(t1)
+        return n
+
+    def load_costs(self, now: float) -> dict[str, float]:
+        """What X_LOAD_COSTS reports: the RAM load rate so far (once there is
+        enough to measure) and the devices' costs after the last byte."""
+        costs = {"device-load-ms": self.device_cost_ms}
+        busy = (now - self._t0) - self._read_blocked_s
+        if self._read_bytes >= MIN_RATE_BYTES and busy > 0:
+            costs["ram-load-bytes-per-s"] = self._read_bytes / busy
+        return costs
+
+    def _send_costs(self, now: float) -> None:
+        self._costs_sent_at = now
+        if self.rp is not None:
+            self.rp.send_load_costs(self.load_costs(now))
 
     def has_return_path(self) -> bool:
         return self.rp is not None
@@ -225,11 +258,17 @@ class IncomingState(AnnouncesStatus):
 
     def send_pong(self, value: int) -> None:
         assert self.rp is not None
+        if value == LIVEMIG_HELLO and not self.peer_livemig:
+            self.peer_livemig = True          # a livemig source: our own messages are welcome
+            self._send_costs(self.clock())    # before the PONG: the source has them then
         self.rp.send_pong(value)
 
     def set_switchover_ack_pending(self, count: int) -> None:
         with self._lock:
             self.switchover_ack_pending_num = count
+
+    def set_device_cost(self, ms: float) -> None:
+        self.device_cost_ms = ms
 
     def multifd_recv_sync_main(self) -> None:
         if self.multifd is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from livemig.migration.policy import Convergence, ThrottleState
 from livemig.migration.status import MigrationStatus as S
+from livemig.migration.switchover import DowntimeEstimate
 
 PAGE_SIZE = 4096
 WINDOWS_SHOWN = 8             # x-windows: the last 100 ms windows
@@ -50,6 +51,7 @@ class SourceStats:
     bandwidth_bytes_per_s: float = 0.0      # the last window's
     convergence: Convergence = Convergence()
     throttle: ThrottleState = ThrottleState()
+    estimate: DowntimeEstimate | None = None   # the last window's switchover prediction
 
     def add_window(self, window: dict[str, Any]) -> None:
         self.windows.append(window)
@@ -144,6 +146,10 @@ def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
             info["x-switchover-ack"] = ack
         if s.stats.windows:
             info["x-windows"] = s.stats.windows[-WINDOWS_SHOWN:]
+        if s.stats.estimate is not None and not done:
+            info["x-downtime-estimate"] = s.stats.estimate.parts(
+                s.ram.remaining if s.stats.convergence.state == "first-pass"
+                else s.stats.convergence.remaining)
         conv = s.stats.convergence
         if conv.state != "first-pass" and not done:
             x: dict[str, Any] = {"state": conv.state, "since-ms": ms(conv.since - t.start),

@@ -46,6 +46,12 @@ class Convergence:
     dirty_rate: float = 0.0       # the guest's, bytes/s
     bandwidth: float = 0.0        # the link's, bytes/s (last window)
     threshold: int = 0
+    fixed_ms: float = 0.0         # switchover costs besides RAM (destination devices, RP)
+    limit_ms: int = 0             # downtime-limit
+
+    @property
+    def fits(self) -> bool:
+        return not self.limit_ms or self.fixed_ms < self.limit_ms
 
     def projected_s(self) -> float | None:
         """Time to reach the threshold at today's rates (None: never)."""
@@ -56,10 +62,19 @@ class Convergence:
 
 
 def convergence_update(c: Convergence, *, now: float, remaining: int, dirty_rate: float,
-                       bandwidth: float, threshold: int) -> Convergence:
+                       bandwidth: float, threshold: int, fixed_ms: float = 0.0,
+                       limit_ms: int = 0) -> Convergence:
     """Fold one sync into the judgement: a new low (5% under the last) is
     progress; two syncs and ``STALL_AFTER_S`` without one is a stall. Syncs
-    come once per drain of the dirty set, so a long first pass is no stall."""
+    come once per drain of the dirty set, so a long first pass is no stall.
+    Fixed costs at or over the limit are a stall at once: no amount of
+    sending makes that switchover fit."""
+    over = bool(limit_ms) and fixed_ms >= limit_ms
+    if over:
+        since = c.since if c.state == "stalled" else now
+        return Convergence("stalled", since, min(c.low, remaining) if c.low else remaining,
+                           c.low_at or now, c.syncs_since_low + 1, remaining, dirty_rate,
+                           bandwidth, threshold, fixed_ms, limit_ms)
     if c.state == "first-pass" or remaining <= c.low * NEW_LOW:
         state, since, low, low_at, syncs = ("converging", c.since if c.state == "converging"
                                             else now, remaining, now, 0)
@@ -71,7 +86,7 @@ def convergence_update(c: Convergence, *, now: float, remaining: int, dirty_rate
         else:
             state, since = c.state, c.since
     return Convergence(state, since, low, low_at, syncs, remaining, dirty_rate, bandwidth,
-                       threshold)
+                       threshold, fixed_ms, limit_ms)
 
 
 def _mib(nbytes: int) -> str:
@@ -84,6 +99,12 @@ def stall_verdict(c: Convergence, now: float, stall_timeout_s: float) -> str | N
     if not stall_timeout_s or c.state != "stalled" or now - c.since < stall_timeout_s:
         return None
     mb = 1e6
+    if not c.fits:
+        return (f"Migration cannot converge: after the last byte the destination needs "
+                f"{c.fixed_ms:.0f} ms (device load and preparation, return path), more than "
+                f"downtime-limit {c.limit_ms} ms; for {(now - c.since) * 1000:.0f} ms "
+                f"(x-stall-timeout {stall_timeout_s * 1000:.0f} ms). Enable switchover-ack "
+                "(the device then prepares while the guest runs) or raise downtime-limit")
     if c.dirty_rate >= c.bandwidth:
         cause = (f"the guest dirties memory at {c.dirty_rate / mb:.0f} MB/s, faster than "
                  f"the migration sends it ({c.bandwidth / mb:.0f} MB/s)")
@@ -160,6 +181,7 @@ class IterationStats:
     rate_exceeded: bool          # this window's budget is spent
     convergence: Convergence = Convergence()
     stall_timeout_s: float = 0.0  # x-stall-timeout; 0: never fail a stall
+    fits: bool = True             # the fixed switchover costs stay under downtime-limit
 
 
 @dataclass(frozen=True)
@@ -206,6 +228,17 @@ IterationAction = Sync | Complete | Fail | Iterate | Idle
 PassEndAction = CloseWindow | Wait | None
 
 
+def held_back(s: IterationStats) -> str | None:
+    """What, besides pending bytes, keeps the switchover back: the destination's
+    ACK, or fixed costs over downtime-limit (the downtime contract). Then the
+    loop waits between passes instead of spinning."""
+    if waiting_for_ack(s):
+        return "switchover-ack"
+    if not s.fits and s.pending <= s.threshold:
+        return "downtime-contract"
+    return None
+
+
 def waiting_for_ack(s: IterationStats) -> bool:
     """Only the destination's ACK holds switchover back."""
     return not s.can_switchover and s.pending < s.threshold
@@ -219,7 +252,7 @@ def migration_iteration_run(s: IterationStats) -> IterationAction:
     what is pending fits (or nothing is) and switchover is allowed."""
     if not s.pending_exact and switchover.should_sync_exact(s.pending, s.threshold):
         return Sync()
-    if switchover.complete_ready(s.pending, s.threshold, s.can_switchover):
+    if s.fits and switchover.complete_ready(s.pending, s.threshold, s.can_switchover):
         return Complete()
     verdict = stall_verdict(s.convergence, s.now, s.stall_timeout_s)
     if verdict is not None:
@@ -229,10 +262,12 @@ def migration_iteration_run(s: IterationStats) -> IterationAction:
     return Iterate()
 
 
-def migration_rate_limit(s: IterationStats, *, waited_for_ack: bool) -> PassEndAction:
+def migration_rate_limit(s: IterationStats, *, waited_for_ack: bool | str | None
+                         ) -> PassEndAction:
     """After a pass (QEMU's migration_rate_limit, plus the ACK wait).
 
-    ``waited_for_ack``: the pass began with only the ACK missing. Then the
+    ``waited_for_ack``: the pass began with only the ACK missing (or what
+    :func:`held_back` names). Then the
     loop waits for the ACK instead of spinning (QEMU 10.0 ran ~165,000
     passes there), bounded so dirtied pages keep flowing."""
     window_ms = (s.now - s.window_start) * 1000
@@ -244,7 +279,8 @@ def migration_rate_limit(s: IterationStats, *, waited_for_ack: bool) -> PassEndA
     if s.rate_exceeded:
         return Wait(left_ms / 1000, "rate-limit")
     if waited_for_ack:
-        return Wait(switchover.ack_wait_seconds(left_ms), "switchover-ack")
+        reason = waited_for_ack if isinstance(waited_for_ack, str) else "switchover-ack"
+        return Wait(switchover.ack_wait_seconds(left_ms), reason)
     return None
 
 
@@ -302,7 +338,7 @@ def migration_iterate_until_complete(e: IterationEngine) -> None:
         if isinstance(action, Fail):
             e.fail(action.desc)
             return
-        waited_for_ack = waiting_for_ack(s)
+        waited_for_ack = held_back(s)
         if isinstance(action, Iterate):
             e.iterate()
         e.pass_done()

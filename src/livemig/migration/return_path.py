@@ -19,10 +19,12 @@ from livemig.wire import (
     Shut,
     SwitchoverAck,
     XError,
+    XLoadCosts,
     encode_pong,
     encode_shut,
     encode_switchover_ack,
     encode_x_error,
+    encode_x_load_costs,
 )
 
 log = logging.getLogger("livemig.migration")
@@ -32,9 +34,13 @@ CHANNEL_ERROR = "Channel error: Input/output error"
 class SourceReturnPath:
     """Reads the destination's messages (``@bottom_half``: return-path thread)."""
 
-    def __init__(self, channel, on_ack: Callable[[], None]) -> None:
+    def __init__(self, channel, on_ack: Callable[[], None],
+                 on_costs: Callable[[dict[str, float]], None] | None = None,
+                 on_pong: Callable[[int], None] | None = None) -> None:
         self.channel = channel
         self.on_ack = on_ack
+        self.on_costs = on_costs
+        self.on_pong = on_pong
         self.decoder = ReturnPathDecoder()
         self.shut_value: int | None = None
         self.pongs: list[int] = []
@@ -79,6 +85,11 @@ class SourceReturnPath:
             self.on_ack()
         elif isinstance(ev, Pong):
             self.pongs.append(ev.value)
+            if self.on_pong is not None:
+                self.on_pong(ev.value)
+        elif isinstance(ev, XLoadCosts):
+            if self.on_costs is not None:
+                self.on_costs(ev.costs)
         elif isinstance(ev, XError):
             self.dest_error = ev.text
         elif isinstance(ev, Shut):
@@ -146,6 +157,9 @@ class DestinationReturnPath:
 
     def send_error(self, text: str) -> None:
         self._send(encode_x_error(text))
+
+    def send_load_costs(self, costs: dict[str, float]) -> None:
+        self._send(encode_x_load_costs(costs))
 
     def send_shut(self, value: int) -> None:
         self._send(encode_shut(value))

@@ -216,6 +216,9 @@ class LoadvmHost(LoadContext, Protocol):
     def set_switchover_ack_pending(self, count: int) -> None:
         """After load_setup: how many approvals switchover waits for."""
 
+    def set_device_cost(self, ms: float) -> None:
+        """After load_setup: what the devices cost after the last byte (ms)."""
+
     def multifd_recv_sync_main(self) -> None:
         """A MULTIFD_FLUSH record: wait until every channel reached this sync."""
 
@@ -241,6 +244,7 @@ def qemu_loadvm_state_setup(state: SaveVMState, host: LoadvmHost) -> None:
         h.load_setup(host)
     if host.switchover_ack_enabled():
         host.set_switchover_ack_pending(state.switchover_ack_needed())
+    host.set_device_cost(sum(h.load_cost_ms(host) for h in state.handlers))
 
 
 def loadvm_process_command(host: LoadvmHost, ev: Command) -> None:

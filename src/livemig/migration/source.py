@@ -45,6 +45,7 @@ from livemig.qapi.capabilities import Capabilities
 from livemig.qapi.parameters import Parameters
 from livemig.threadname import name_native_thread
 from livemig.transport import Channel, TransportError, open_outgoing
+from livemig.wire import LIVEMIG_HELLO
 
 log = logging.getLogger("livemig.migration")
 EventCallback = Callable[[str, dict | None], None]
@@ -88,6 +89,10 @@ class MigrationState(AnnouncesStatus):
         self._window_bytes0 = 0
         self._periods_seen = 0
         self._sent_at_period = 0
+        self.dest_costs: dict[str, float] | None = None
+        self.hello_answered = False
+        self.rp_rtt_ms = 0.0
+        self._ping_sent_at: float | None = None
         self._continue.clear()
         self._wake.clear()
 
@@ -150,6 +155,21 @@ class MigrationState(AnnouncesStatus):
         if f is not None and self.is_running() and self.sm.status is not S.DEVICE:
             f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
 
+    def on_load_costs(self, costs: dict[str, float]) -> None:
+        """@bottom_half (return-path thread): the destination's X_LOAD_COSTS."""
+        with self._lock:
+            self.dest_costs = dict(costs)
+
+    def on_pong(self, value: int) -> None:
+        """@bottom_half: the first PONG times the return path's round trip."""
+        if value == 1 and self._ping_sent_at is not None:
+            with self._lock:
+                self.rp_rtt_ms = (self.clock() - self._ping_sent_at) * 1000
+        elif value == LIVEMIG_HELLO:
+            # A livemig destination sent its costs before this; a QEMU one sends none.
+            self.hello_answered = True
+            self._wake.set()
+
     def on_switchover_ack(self) -> None:
         """@bottom_half (return-path thread)."""
         with self._lock:
@@ -205,10 +225,15 @@ class MigrationState(AnnouncesStatus):
         if self.caps.return_path:
             if not channel.supports_return_path:
                 raise MigrationError("Unable to open return-path for postcopy")
-            self.rp = SourceReturnPath(channel.return_path(), self.on_switchover_ack)
+            self.rp = SourceReturnPath(channel.return_path(), self.on_switchover_ack,
+                                       on_costs=self.on_load_costs, on_pong=self.on_pong)
             self.rp.start()
             savevm.qemu_savevm_send_open_return_path(f)
+            self._ping_sent_at = self.clock()
             savevm.qemu_savevm_send_ping(f, 1)
+            # "I read livemig's messages": a livemig destination then reports its
+            # load costs; a QEMU destination only echoes the value.
+            savevm.qemu_savevm_send_ping(f, LIVEMIG_HELLO)
         if self.caps.multifd:
             self.multifd = self._open_multifd(address)
         self.ram = RamSaveHandler(self.machine, self._on_sync, multifd=self.multifd)
@@ -292,7 +317,20 @@ class MigrationState(AnnouncesStatus):
                      if pending is None else pending),
             pending_exact=pending is not None, threshold=self.stats.threshold_bytes,
             can_switchover=self._can_switchover(), rate_exceeded=self.file.rate_exceeded(),
-            convergence=self.stats.convergence, stall_timeout_s=self.params.stall_timeout_s)
+            convergence=self.stats.convergence, stall_timeout_s=self.params.stall_timeout_s,
+            fits=self._fits())
+
+    def _fits(self) -> bool:
+        """Can any switchover meet downtime-limit? Not known until the destination
+        answered the hello (then its costs, if it is livemig, are in)."""
+        if self.rp is not None and not self.hello_answered:
+            return False
+        with self._lock:
+            costs, rtt = self.dest_costs, self.rp_rtt_ms
+        if costs is None:
+            return True
+        fixed = costs.get("device-load-ms", 0.0) + costs.get("post-load-ms", 0.0) + rtt
+        return fixed < self.params.downtime_limit_ms
 
     def pending_exact(self) -> int:
         return savevm.qemu_savevm_state_pending_exact(self.savevm)
@@ -336,9 +374,16 @@ class MigrationState(AnnouncesStatus):
         st.bandwidth_bytes_per_s = w.bandwidth_bytes_per_ms * 1000
         st.pages_per_second = w.pages_per_second
         limit = self.params.downtime_limit_ms
-        st.threshold_bytes = switchover.threshold_size(
-            w.bandwidth_bytes_per_ms, limit, self.params.avail_switchover_bandwidth_bytes_per_s)
-        if c.dirty_pages_rate and nbytes > 10000:
+        with self._lock:
+            costs, rtt = self.dest_costs, self.rp_rtt_ms
+        est = switchover.downtime_estimate(
+            w.bandwidth_bytes_per_ms, limit, self.params.avail_switchover_bandwidth_bytes_per_s,
+            costs, rtt)
+        st.estimate = est
+        st.threshold_bytes = est.threshold
+        if est.basis == "destination":
+            st.expected_downtime_ms = est.predicted_ms(c.dirty_bytes_last_sync)
+        elif c.dirty_pages_rate and nbytes > 10000:
             st.expected_downtime_ms = switchover.expected_downtime_ms(
                 c.dirty_bytes_last_sync, w.bandwidth_bytes_per_ms, limit)
         st.add_window({"t-ms": ms(self.clock() - self.times.start),
@@ -363,10 +408,12 @@ class MigrationState(AnnouncesStatus):
         """After each dirty-log sync: judge convergence, announce the pass."""
         if self.ram is not None:
             c, st = self.ram.counters, self.stats
+            est = st.estimate
             st.convergence = policy.convergence_update(
                 st.convergence, now=self.clock(), remaining=c.dirty_bytes_last_sync,
                 dirty_rate=c.dirty_pages_rate * 4096.0, bandwidth=st.bandwidth_bytes_per_s,
-                threshold=st.threshold_bytes)
+                threshold=st.threshold_bytes, fixed_ms=est.fixed_ms if est else 0.0,
+                limit_ms=est.limit_ms if est else 0)
             if self.caps.auto_converge and c.periods != self._periods_seen:
                 self._periods_seen = c.periods
                 sent = self.transferred()

@@ -80,3 +80,84 @@ def ack_wait_seconds(window_left_ms: float) -> float:
     worth sending. Bounded so dirtied pages keep flowing (each pass makes
     progress) yet the loop cannot spin (QEMU 10.0 ran ~165,000 passes)."""
     return max(0.005, min(0.05, window_left_ms / 1000))
+
+
+@dataclass(frozen=True)
+class DowntimeEstimate:
+    """What the switchover will cost, in parts (``x-downtime-estimate``).
+
+    ``basis`` "destination": the destination reported its load rate and
+    device costs (a livemig peer over the return path); "bandwidth": QEMU's
+    blind estimate, which assumes the destination loads in no time (no
+    return path, or a QEMU peer). Units: bytes, milliseconds."""
+
+    basis: str
+    link_bytes_per_ms: float
+    load_bytes_per_ms: float | None      # the destination's RAM load rate
+    device_load_ms: float                # destination device load/prepare after the last byte
+    return_path_ms: float                # the SHUT round trip
+    limit_ms: int
+    threshold: int
+
+    @property
+    def rate_bytes_per_ms(self) -> float:
+        """What the slower of link and destination load moves per ms."""
+        if self.load_bytes_per_ms is None:
+            return self.link_bytes_per_ms
+        return min(self.link_bytes_per_ms, self.load_bytes_per_ms)
+
+    @property
+    def fixed_ms(self) -> float:
+        return self.device_load_ms + self.return_path_ms
+
+    @property
+    def fits(self) -> bool:
+        """Whether any switchover can stay within the limit (the fixed costs alone
+        may exceed it: a device preparing 400 ms at downtime-limit 300)."""
+        return self.fixed_ms < self.limit_ms
+
+    def predicted_ms(self, pending: int) -> int:
+        """The downtime a switchover with ``pending`` bytes left would have."""
+        rate = self.rate_bytes_per_ms
+        ram_ms = pending / rate if rate > 0 else float(self.limit_ms)
+        return int(round(ram_ms + self.fixed_ms))
+
+    def parts(self, pending: int) -> dict[str, int | str]:
+        rate = self.rate_bytes_per_ms
+        out: dict[str, int | str] = {
+            "basis": self.basis,
+            "ram-ms": int(round(pending / rate)) if rate > 0 else self.limit_ms,
+            "link-bytes-per-s": int(self.link_bytes_per_ms * 1000),
+            "device-load-ms": int(round(self.device_load_ms)),
+            "return-path-ms": int(round(self.return_path_ms)),
+            "threshold": self.threshold,
+            "total-ms": self.predicted_ms(pending),
+        }
+        if self.load_bytes_per_ms is not None:
+            out["load-bytes-per-s"] = int(self.load_bytes_per_ms * 1000)
+        return out
+
+
+def downtime_estimate(bandwidth_bytes_per_ms: float, downtime_limit_ms: int,
+                      avail_switchover_bandwidth_bytes_per_s: int = 0,
+                      costs: dict[str, float] | None = None,
+                      return_path_ms: float = 0.0) -> DowntimeEstimate:
+    """The threshold as the bytes that can be sent *and* loaded within
+    ``downtime-limit`` after the fixed costs; without the destination's
+    ``costs``, QEMU's ``bandwidth x limit``."""
+    if avail_switchover_bandwidth_bytes_per_s:
+        bandwidth_bytes_per_ms = avail_switchover_bandwidth_bytes_per_s // 1000
+    if costs is None:
+        return DowntimeEstimate("bandwidth", bandwidth_bytes_per_ms, None, 0.0, 0.0,
+                                downtime_limit_ms,
+                                threshold_size(bandwidth_bytes_per_ms, downtime_limit_ms))
+    load = costs.get("ram-load-bytes-per-s")
+    load_ms = load / 1000 if load else None
+    device_ms = costs.get("device-load-ms", 0.0) + costs.get("post-load-ms", 0.0)
+    est = DowntimeEstimate("destination", bandwidth_bytes_per_ms, load_ms, device_ms,
+                           return_path_ms, downtime_limit_ms, 0)
+    budget = downtime_limit_ms - est.fixed_ms
+    threshold = int(est.rate_bytes_per_ms * budget) if budget > 0 else 0
+    return DowntimeEstimate(est.basis, est.link_bytes_per_ms, est.load_bytes_per_ms,
+                            est.device_load_ms, est.return_path_ms, downtime_limit_ms,
+                            threshold)

@@ -16,7 +16,9 @@ layer feeds these from its own threads. Modules:
 """
 
 from .constants import (
+    LIVEMIG_HELLO,
     MIG_RP_MSG_X_ERROR,
+    MIG_RP_MSG_X_LOAD_COSTS,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     TARGET_PAGE_SIZE,
@@ -85,11 +87,14 @@ from .return_path import (
     Shut,
     SwitchoverAck,
     XError,
+    XLoadCosts,
+    decode_x_load_costs,
     encode_pong,
     encode_rp_message,
     encode_shut,
     encode_switchover_ack,
     encode_x_error,
+    encode_x_load_costs,
 )
 from .stream import (
     StreamDecoder,
@@ -114,7 +119,9 @@ __all__ = [
     "encode_multifd_init",
     "encode_multifd_packet_header",
     "multifd_packet_header_size",
+    "LIVEMIG_HELLO",
     "MIG_RP_MSG_X_ERROR",
+    "MIG_RP_MSG_X_LOAD_COSTS",
     "NEED_DATA",
     "QEMU_VM_FILE_MAGIC",
     "QEMU_VM_FILE_VERSION",
@@ -156,6 +163,8 @@ __all__ = [
     "VmDescription",
     "WireError",
     "XError",
+    "XLoadCosts",
+    "decode_x_load_costs",
     "encode_blob",
     "encode_command",
     "encode_configuration",
@@ -179,4 +188,5 @@ __all__ = [
     "encode_tagged_marker",
     "encode_vmdesc",
     "encode_x_error",
+    "encode_x_load_costs",
 ]

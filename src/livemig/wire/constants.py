@@ -175,6 +175,9 @@ class MigRpMsg(IntEnum):
     # livemig's own, never sent by QEMU (a QEMU source would reject it as
     # invalid): UTF-8 text of at most 512 bytes saying why the destination failed.
     X_ERROR = 0x4C01
+    # livemig's own: what loading costs the destination (JSON, at most 512 bytes),
+    # sent only to a source that said hello (MIG_CMD_PING LIVEMIG_HELLO).
+    X_LOAD_COSTS = 0x4C02
 
 
 MIG_RP_MSG_INVALID: Final = MigRpMsg.INVALID
@@ -187,6 +190,11 @@ MIG_RP_MSG_RESUME_ACK: Final = MigRpMsg.RESUME_ACK
 MIG_RP_MSG_SWITCHOVER_ACK: Final = MigRpMsg.SWITCHOVER_ACK
 MIG_RP_MSG_MAX: Final = MigRpMsg.MAX
 MIG_RP_MSG_X_ERROR: Final = MigRpMsg.X_ERROR
+MIG_RP_MSG_X_LOAD_COSTS: Final = MigRpMsg.X_LOAD_COSTS
+# A livemig source's MIG_CMD_PING value after its first ping: "I read livemig's
+# return-path messages". A QEMU destination only echoes it as a PONG; a
+# livemig destination then may send X_ERROR and X_LOAD_COSTS. 'LMIG'.
+LIVEMIG_HELLO: Final = 0x4C4D4947
 
 RP_MAX_PAYLOAD: Final = 512  # bytes: the source's receive buffer (uint8_t buf[512])
 
@@ -201,6 +209,7 @@ RP_CMD_ARGS: Final[dict[MigRpMsg, CmdArgs]] = {
     MigRpMsg.SWITCHOVER_ACK: CmdArgs(0, "SWITCHOVER_ACK"),
     MigRpMsg.MAX: CmdArgs(None, "MAX"),
     MigRpMsg.X_ERROR: CmdArgs(None, "X_ERROR"),
+    MigRpMsg.X_LOAD_COSTS: CmdArgs(None, "X_LOAD_COSTS"),
 }
 
 # --- fixed-size wire structs ---------------------------------------------------------

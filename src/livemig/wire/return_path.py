@@ -8,6 +8,7 @@ with its error texts, plus livemig's own ``MIG_RP_MSG_X_ERROR`` (0x4c01).
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -25,11 +26,14 @@ __all__ = [
     "Shut",
     "SwitchoverAck",
     "XError",
+    "XLoadCosts",
+    "decode_x_load_costs",
     "encode_pong",
     "encode_rp_message",
     "encode_shut",
     "encode_switchover_ack",
     "encode_x_error",
+    "encode_x_load_costs",
 ]
 
 _SIZE_T_MINUS_ONE = (1 << 64) - 1  # QEMU prints (size_t)-1 for "variable" lengths
@@ -66,6 +70,15 @@ class XError:
 
 
 @dataclass(frozen=True, slots=True)
+class XLoadCosts:
+    """livemig's MIG_RP_MSG_X_LOAD_COSTS: what loading costs the destination.
+    Units in the names: ``ram-load-bytes-per-s``, ``device-load-ms``,
+    ``post-load-ms``; unknown keys are kept (newer destinations)."""
+
+    costs: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
 class RpMessage:
     """Any other valid message (postcopy: REQ_PAGES, REQ_PAGES_ID, RECV_BITMAP,
     RESUME_ACK), undecoded."""
@@ -74,7 +87,7 @@ class RpMessage:
     payload: bytes
 
 
-RpEvent: TypeAlias = Shut | Pong | SwitchoverAck | XError | RpMessage | Closed
+RpEvent: TypeAlias = Shut | Pong | SwitchoverAck | XError | XLoadCosts | RpMessage | Closed
 
 
 # --- encoders -------------------------------------------------------------------------
@@ -111,6 +124,22 @@ def encode_switchover_ack() -> bytes:
     return encode_rp_message(MigRpMsg.SWITCHOVER_ACK)
 
 
+def encode_x_load_costs(costs: dict[str, float]) -> bytes:
+    """X_LOAD_COSTS: numbers by name, as compact JSON (at most 512 bytes)."""
+    payload = json.dumps({k: round(float(v), 3) for k, v in costs.items()},
+                         separators=(",", ":")).encode()
+    return encode_rp_message(MigRpMsg.X_LOAD_COSTS, payload)
+
+
+def decode_x_load_costs(payload: bytes) -> XLoadCosts:
+    obj = json.loads(payload.decode("utf-8"))
+    if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in obj.items()):
+        raise ValueError("X_LOAD_COSTS is not an object of numbers")
+    return XLoadCosts({k: float(v) for k, v in obj.items()})
+
+
 def encode_x_error(text: str) -> bytes:
     """X_ERROR carrying ``text`` as UTF-8, cut to 512 bytes on a character boundary."""
     raw = text.encode("utf-8")
@@ -127,10 +156,10 @@ class ReturnPathDecoder:
 
     Same feeding interface as ``StreamDecoder`` (``receive_data`` with ``b""``
     for end of data, or ``get_buffer``/``buffer_updated``). ``next_event()``
-    returns ``Shut | Pong | SwitchoverAck | XError | RpMessage``, ``NEED_DATA``,
+    returns ``Shut | Pong | SwitchoverAck | XError | XLoadCosts | RpMessage``, ``NEED_DATA``,
     or ``Closed`` once data ended between messages; it raises only
     ``ReturnPathError`` (again on every later call). ``accept_x_error=False``
-    behaves exactly like a QEMU source, rejecting 0x4c01 as invalid.
+    behaves exactly like a QEMU source, rejecting 0x4c01 and 0x4c02 as invalid.
     """
 
     def __init__(self, *, accept_x_error: bool = True, buffer_size: int = 4096) -> None:
@@ -182,7 +211,8 @@ class ReturnPathDecoder:
             return NEED_DATA
         msg_type, ln = rb.unpack(RP_HEADER, p)
         valid = (MigRpMsg.INVALID < msg_type < MigRpMsg.MAX
-                 or (self._accept_x_error and msg_type == MigRpMsg.X_ERROR))
+                 or (self._accept_x_error
+                     and msg_type in (MigRpMsg.X_ERROR, MigRpMsg.X_LOAD_COSTS)))
         if not valid:
             raise ReturnPathError(f"Received invalid message 0x{msg_type:04x} "
                                   f"length 0x{ln:04x}", rb.offset(p))
@@ -210,4 +240,10 @@ class ReturnPathDecoder:
             return SwitchoverAck()
         if msg == MigRpMsg.X_ERROR:
             return XError(payload.decode("utf-8", "replace"))
+        if msg == MigRpMsg.X_LOAD_COSTS:
+            try:
+                return decode_x_load_costs(payload)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ReturnPathError(f"Malformed X_LOAD_COSTS message: {exc}",
+                                      rb.offset(q)) from None
         return RpMessage(msg, payload)
