@@ -212,7 +212,8 @@ MIGRATION_STATS: Final = struct("MigrationStats", {
     "downtime-bytes": "uint64", "postcopy-bytes": "uint64",
     "dirty-sync-missed-zero-copy": "uint64"})
 # livemig's own members (x-): the switchover-ack view of either side; QAPI has no
-# map type, so name -> milliseconds maps are 'any'.
+# map type, so name -> milliseconds maps are 'any', and so are the engine's evolving
+# diagnostics (x-windows entries, x-downtime-estimate, x-convergence).
 X_SWITCHOVER_ACK_INFO: Final = struct("XSwitchoverAckInfo", {
     "*users": "int", "*acked": "bool", "*ack-time": "int", "*waiting": "bool",
     "*pending": "int", "*approved": "any"})
@@ -220,7 +221,9 @@ MIGRATION_INFO: Final = struct("MigrationInfo", {
     "*status": MIGRATION_STATUS, "*ram": MIGRATION_STATS, "*total-time": "int",
     "*expected-downtime": "int", "*downtime": "int", "*setup-time": "int",
     "*error-desc": "str", "*socket-address": Array(SOCKET_ADDRESS),
+    "*cpu-throttle-percentage": "int",
     "*x-switchover-ack": X_SWITCHOVER_ACK_INFO, "*x-windows": Array("any"),
+    "*x-downtime-estimate": "any", "*x-convergence": "any",
     "*x-downtime-checkpoints": "any", "*x-load-checkpoints": "any"})
 X_ACCEL_DIGEST_INFO: Final = struct("XAccelDigestInfo", {"sha256": "str"})
 
