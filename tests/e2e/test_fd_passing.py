@@ -107,3 +107,77 @@ def test_qmp_shell_drives_livemig(vms):
         assert '"arch": "x86_64"' in out, out
         assert "No file descriptor supplied via SCM_RIGHTS" in out, out
     run_with(vms, body)
+
+
+@pytest.mark.timeout(60)
+def test_add_fd_on_the_command_line_feeds_a_file_migration(tmp_path):
+    """``-add-fd fd=N,set=M,opaque=S`` (an inherited descriptor, as libvirt passes
+    it): the set is there from the start and ``file:/dev/fdset/M`` writes to it."""
+    import asyncio
+    import sys
+    import time
+
+    from qemu.qmp import QMPClient
+
+    out = tmp_path / "out.mig"
+    wfd = os.open(out, os.O_CREAT | os.O_WRONLY, 0o600)   # inheritable: CLOEXEC clear
+    os.set_inheritable(wfd, True)
+    qmp_path = str(tmp_path / "addfd.qmp")
+    argv = [sys.executable, "-m", "livemig", "run", "-accel", "soft", "-m", "32M",
+            "-guest", "walk,start=1M,end=4M", "-S", "-qmp",
+            f"unix:{qmp_path},server=on,wait=off", "-add-fd", f"fd={wfd},set=4,opaque=save"]
+    proc = subprocess.Popen(argv, pass_fds=(wfd,), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(wfd)
+
+    async def body():
+        qmp = QMPClient("addfd")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await qmp.connect(qmp_path)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert proc.poll() is None and time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        try:
+            sets = await qmp.execute("query-fdsets")
+            assert len(sets) == 1 and sets[0]["fdset-id"] == 4
+            assert sets[0]["fds"][0]["opaque"] == "save"
+            await qmp.execute("migrate", {"uri": "file:/dev/fdset/4"})
+            while (await qmp.execute("query-migrate"))["status"] not in (
+                    "completed", "failed"):
+                assert time.monotonic() < deadline + 20
+            assert (await qmp.execute("query-migrate"))["status"] == "completed"
+            await qmp.execute("quit")
+        finally:
+            try:
+                await qmp.disconnect()
+            except EOFError:   # quit closed the monitor first
+                pass
+    try:
+        asyncio.run(body())
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert out.stat().st_size > 32 * 1024   # a stream, not nothing
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("spec", "text"), [
+    ("fd=1,set=0", "-add-fd fd=1,set=0: fd cannot be a standard I/O stream"),
+    ("set=0", "-add-fd set=0: fd option is required and must be non-negative"),
+    ("fd=77,set=0", "-add-fd fd=77,set=0: fd is not valid or already in use"),
+    ("fd=x,set=0", "-add-fd fd=x,set=0: Parameter 'fd' expects a number"),
+    ("fd=5,set=0,bogus=1", "-add-fd fd=5,set=0,bogus=1: Invalid parameter 'bogus'"),
+])
+def test_add_fd_refusals_are_qemus(tmp_path, spec, text):
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "livemig", "run", "-accel", "soft",
+                           "-m", "32M", "-guest", "walk,start=1M,end=4M", "-S",
+                           "-add-fd", spec], capture_output=True,
+                          text=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"livemig: {text}"

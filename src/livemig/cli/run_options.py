@@ -52,6 +52,7 @@ class RunOptions:
     machine: str = "livemig-pc-10.0"
     cpu: str = "max"
     no_shutdown: bool = False
+    add_fds: list[tuple[int, int, str | None]] = field(default_factory=list)  # -add-fd
     warnings: list[str] = field(default_factory=list)   # printed as "livemig: warning: ..."
     _serials: list[str] = field(default_factory=list, repr=False, compare=False)
     _mon_refs: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
@@ -85,7 +86,7 @@ _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
             "drive": True, "uuid": True, "machine": True, "M": True, "display": True,
             "nodefaults": False, "nographic": False, "mem-prealloc": False,
             "chardev": True, "mon": True, "monitor": True, "vga": True, "cpu": True,
-            "smp": True, "no-shutdown": False, "version": False}
+            "smp": True, "no-shutdown": False, "add-fd": True, "version": False}
 
 
 def parse_run_args(argv: list[str]) -> RunOptions:
@@ -230,6 +231,9 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
     elif name == "name":
         assert value is not None
         opts.name = Opts.parse(value, "guest").get("guest")
+    elif name == "add-fd":
+        assert value is not None
+        opts.add_fds.append(_parse_add_fd(value))
     elif name == "uuid":
         import uuid
         try:
@@ -335,6 +339,22 @@ def _parse_smp(opts: RunOptions, value: str) -> None:
     if cpus > 1:
         raise OptionError(f"Invalid SMP CPUs {cpus}. The max CPUs supported by machine "
                           f"'{opts.machine}' is 1")
+
+
+def _parse_add_fd(value: str) -> tuple[int, int, str | None]:
+    """``-add-fd fd=N,set=M[,opaque=S]`` (QEMU's parse_add_fd checks that need no
+    descriptor; the VM checks and duplicates the descriptor: ``qmp/fds.py``)."""
+    add = Opts.parse(value)
+    add.check(("fd", "set", "opaque"))
+
+    def signed(number: int) -> int:  # QEMU stores the uint64 in an int
+        return number - (1 << 64) if number >= 1 << 63 else number
+    fd = signed(add.get_number("fd", UINT64_MAX))
+    if fd < 0:
+        raise OptionError(f"-add-fd {value}: fd option is required and must be non-negative")
+    if fd <= 2:
+        raise OptionError(f"-add-fd {value}: fd cannot be a standard I/O stream")
+    return fd, signed(add.get_number("set", UINT64_MAX)), add.get("opaque")
 
 
 def _resolve_chardevs(opts: RunOptions) -> None:

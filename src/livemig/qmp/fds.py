@@ -226,6 +226,8 @@ def add_fd_option(fdsets: FdSets, fd: int, fdset_id: int, opaque: str | None) ->
         flags = -1
     if flags == -1 or flags & fcntl.FD_CLOEXEC:
         raise ValueError("fd is not valid or already in use")
+    if fdset_id < 0:
+        raise ValueError("set option is required and must be non-negative")
     try:
         dupfd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
     except OSError as exc:
