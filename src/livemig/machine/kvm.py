@@ -396,6 +396,24 @@ class KvmAccelerator:
         sections = self._parse_state(bytes(data))
         self._apply_state(sections)
 
+    @staticmethod
+    def cpu_state_layout(data: bytes) -> list[tuple[str, str, int]]:
+        """The parts of a KVMC blob as (name, VMState type, bytes), in order, for
+        the VM description: the header, each section's tag, size and payload,
+        the CRC. Little-endian integers are ``buffer`` (VMState's are big-endian)."""
+        out = [("magic", "buffer", 4), ("version", "buffer", 2), ("count", "buffer", 2),
+               ("total", "buffer", 4)]
+        pos, end = _HEADER.size, len(data) - _TRAILER.size
+        while pos + _SECTION.size <= end:
+            tag, size = _SECTION.unpack_from(data, pos)
+            name = tag.decode("ascii", "replace").strip().lower()
+            out += [(f"{name}.tag", "buffer", 4), (f"{name}.size", "buffer", 4)]
+            if size:
+                out.append((name, "buffer", min(size, end - pos - _SECTION.size)))
+            pos += _SECTION.size + size
+        out.append(("crc32", "buffer", _TRAILER.size))
+        return out
+
     def _collect_state(self) -> dict[bytes, bytes]:
         fd, out = self._vcpu_fd, {}
         for tag, struct_cls, get, _set in self._state_parts():

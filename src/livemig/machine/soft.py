@@ -89,6 +89,13 @@ class SoftAccelerator:
     def save_cpu_state(self) -> bytes:
         return _STATE.pack(_STATE_MAGIC, 1, self.phase, self.page, self.passes)
 
+    @staticmethod
+    def cpu_state_layout(data: bytes) -> list[tuple[str, str, int]]:
+        """The parts of a SOFT blob as (name, VMState type, bytes), for the VM
+        description (big-endian: VMState's own integer types)."""
+        return [("magic", "buffer", 4), ("version", "uint32", 4), ("phase", "uint32", 4),
+                ("page", "uint64", 8), ("passes", "uint32", 4)]
+
     def load_cpu_state(self, data: bytes) -> None:
         if len(data) != _STATE.size:
             raise ValueError(f"soft vCPU state is {len(data)} bytes, expected {_STATE.size} "

@@ -92,6 +92,16 @@ class SaveVMHandlers:
 
     def save_cleanup(self) -> None: ...
 
+    def vmstate_description(self) -> dict[str, Any] | None:
+        """This handler's entry in the VM description sent after EOF, in QEMU's
+        vmdesc form without ``name``/``instance_id`` (the savevm layer adds
+        them): ``vmsd_name``, ``version``, ``fields`` (each ``name``, ``type``,
+        ``size``; ``array_len``, ``struct`` where QEMU has them) and optional
+        ``subsections``, describing the bytes of the section payload this
+        handler wrote last. Called after ``save_state`` (or the last section of
+        an iterable handler). None: not listed (QEMU lists no ``ram`` either)."""
+        return None
+
     def switchover_ack_needed(self) -> bool:
         """True if this device will approve switchover on the destination."""
         return False

@@ -178,9 +178,19 @@ def qemu_savevm_state_complete_precopy_non_iterable(state: SaveVMState, f: OutSt
 
 
 def qemu_savevm_state_vmdesc(state: SaveVMState) -> bytes:
-    """The VM description after EOF: the non-iterable sections."""
-    devices = [{"name": h.idstr, "instance_id": h.instance_id, "vmsd_name": h.idstr,
-                "version": h.version_id} for _, h in state.sections(iterable=False)]
+    """The VM description after EOF (QEMU's vmdesc JSON): ``page_size`` and a
+    ``devices`` entry per section that has a description
+    (:meth:`SaveVMHandlers.vmstate_description`), in section order, each
+    ``name``, ``instance_id``, then the handler's ``vmsd_name``/``version``/
+    ``fields``/``subsections``. Handlers without one are not listed (QEMU
+    lists no ``ram``: readers know its format). No ``configuration`` entry:
+    readers then read the configuration section as its be32 length and name."""
+    devices = []
+    for h in state.handlers:
+        desc = h.vmstate_description()
+        if desc is None:
+            continue
+        devices.append({"name": h.idstr, "instance_id": h.instance_id, **desc})
     return json.dumps({"page_size": 4096, "devices": devices}, separators=(",", ":")).encode()
 
 

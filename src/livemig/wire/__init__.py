@@ -12,6 +12,7 @@ layer feeds these from its own threads. Modules:
 * ``ram``: RAM record encoders (vectorised) and the page-run scanner.
 * ``payloads``: ``PayloadKind`` and the TAGGED / BLOB framings.
 * ``return_path``: return-path encoders, events and ``ReturnPathDecoder``.
+* ``global_state``: QEMU's ``globalstate`` VMState record.
 * ``buffer``: the receive buffer both decoders share.
 """
 
@@ -51,6 +52,13 @@ from .events import (
     TaggedData,
     TaggedEnd,
     VmDescription,
+)
+from .global_state import (
+    GLOBAL_STATE_FIELDS,
+    GLOBAL_STATE_SIZE,
+    GlobalStateRecord,
+    decode_global_state,
+    encode_global_state,
 )
 from .multifd import (
     MULTIFD_FLAG_SYNC,
@@ -109,6 +117,11 @@ from .stream import (
 )
 
 __all__ = [
+    "GLOBAL_STATE_FIELDS",
+    "GLOBAL_STATE_SIZE",
+    "GlobalStateRecord",
+    "decode_global_state",
+    "encode_global_state",
     "MULTIFD_FLAG_SYNC",
     "MULTIFD_INIT_SIZE",
     "MULTIFD_MAGIC",

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .constants import MigCmd, VfioMigFlag
+from .global_state import GlobalStateRecord  # noqa: F401 - a payload event too
 
 
 class NeedData(enum.Enum):
@@ -223,5 +224,5 @@ class Blob:
 StreamEvent: TypeAlias = (
     Header | Configuration | Command | SectionStart | SectionPart | SectionEnd | SectionFull
     | SectionFooter | Eof | VmDescription | Closed | RamBlockList | RamPages | RamZeroPages
-    | RamEos | RamMultifdFlush | TaggedData | TaggedEnd | Blob
+    | RamEos | RamMultifdFlush | TaggedData | TaggedEnd | Blob | GlobalStateRecord
 )

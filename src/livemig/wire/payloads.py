@@ -14,6 +14,8 @@ idstr uses (``payload_kinds``):
   byte of the payload is length-framed.)
 * ``BLOB``: livemig's own framing for non-iterative device state: be32 length
   and that many bytes.
+* ``GLOBALSTATE``: QEMU's fixed 104-byte ``globalstate`` VMState record
+  (``livemig.wire.global_state``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PayloadKind(enum.Enum):
     RAM = "ram"
     TAGGED = "tagged"
     BLOB = "blob"
+    GLOBALSTATE = "globalstate"
 
 
 TAGGED_END_TAGS = frozenset({VfioMigFlag.END_OF_STATE, VfioMigFlag.DEV_INIT_DATA_SENT})

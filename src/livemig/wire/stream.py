@@ -86,6 +86,7 @@ from .events import (
     TaggedEnd,
     VmDescription,
 )
+from .global_state import GLOBAL_STATE_SIZE, decode_global_state
 from .payloads import (
     TAGGED_END_TAGS,
     TAGGED_MARKER_TAGS,
@@ -330,6 +331,7 @@ class StreamDecoder:
             PayloadKind.RAM: self._read_ram,
             PayloadKind.TAGGED: self._read_tagged,
             PayloadKind.BLOB: self._read_blob,
+            PayloadKind.GLOBALSTATE: self._read_global_state,
         }
 
     # --- feeding ------------------------------------------------------------------------
@@ -638,6 +640,24 @@ class StreamDecoder:
         rb.start = q + n
         self._payload_done()
         return Blob(data)
+
+    def _read_global_state(self) -> _Result:
+        rb = self._rb
+        p = rb.start
+        if not rb.has(p, 4):
+            return NEED_DATA
+        size = rb.unpack(BE32, p)[0]
+        if size > 32:   # refused before the rest arrives
+            raise self._err(f"globalstate: bad run state size {size} (1 < size <= 32)", p)
+        if not rb.has(p, GLOBAL_STATE_SIZE):
+            return NEED_DATA
+        try:
+            record = decode_global_state(rb.bytes(p, GLOBAL_STATE_SIZE))
+        except ValueError as exc:
+            raise self._err(str(exc), p) from None
+        rb.start = p + GLOBAL_STATE_SIZE
+        self._payload_done()
+        return record
 
     def _read_tagged(self) -> _Result:
         rb = self._rb
