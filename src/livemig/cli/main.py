@@ -1,5 +1,5 @@
 """The ``livemig`` command: ``run`` a VM, or drive migrations (``migrate``,
-``demo``, ``bench``) as a QMP client of livemig or QEMU."""
+``demo``, ``bench``) as a QMP client of livemig or QEMU, or ``analyze`` a stream file."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ commands:
   migrate  migrate a running VM (livemig or QEMU) over QMP and report the figures
   demo     migrate a VM twice on this machine, without and with switchover-ack
   bench    migration benchmark, livemig and QEMU side by side
+  analyze  inspect a migration stream file (livemig or QEMU 10.0): sections, RAM, VM description
 """
 
 
@@ -33,5 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "bench":
         from livemig.cli.bench import bench_main
         return bench_main(rest)
+    if cmd == "analyze":
+        from livemig.cli.analyze import main as analyze_main
+        return analyze_main(rest)
     print(f"livemig: unknown command '{cmd}'\n{USAGE}", file=sys.stderr, end="")
     return 2

@@ -119,14 +119,15 @@ class AccelHandler(SaveVMHandlers):
         out.write(encode_tagged_data(_RECORD.pack(kind, offset) + data.tobytes()))
 
     def vmstate_description(self) -> dict:
-        """Listed as QEMU lists a device's section, with the one field every
-        section of it starts with (a be64 VFIO tag). The rest is VFIO framing,
-        variable in length, which no fixed field list can describe: readers
-        that know it (``livemig analyze``) go by ``x-livemig-framing``; QEMU's
-        analyzer, which has no VFIO reader, cannot walk past the first data."""
+        """Listed as QEMU lists a device section, but with no fixed fields: the
+        payload is VFIO framing (be64 tags, DEV_DATA_STATE chunks of be64 size),
+        variable in length, which no fixed field list can describe. Readers
+        that know it (``livemig analyze``) go by ``x-livemig-framing``. QEMU's
+        analyzer has no VFIO reader: it stops at this section's first tag
+        ("Unknown section type") instead of misreading the rest (a ``tag``
+        field would let it stop silently, at a 0 byte that looks like EOF)."""
         return {"vmsd_name": "accel", "version": self.version_id, "iterable": True,
-                "x-livemig-framing": "vfio-tagged",
-                "fields": [{"name": "tag", "type": "uint64", "size": 8}]}
+                "x-livemig-framing": "vfio-tagged", "fields": []}
 
     # -- destination ------------------------------------------------------------------
     def load_setup(self, ctx: LoadContext) -> None:
