@@ -10,8 +10,8 @@
 # timestamps, paths or build ids), so the same binutils give the same bytes.
 # The script checks what the loader relies on and fails otherwise:
 #   - exactly 512 bytes, ending in the boot signature 0x55 0xAA;
-#   - walk_start at byte offset 0x1f4 and walk_end at 0x1f8 (the constants
-#     WALK_START_OFFSET / WALK_END_OFFSET in src/livemig/machine/kvm.py).
+#   - walk_start at byte offset 0x1f4, walk_end at 0x1f8, tick_pages at 0x1e8
+#     and pace at 0x1ec (the WALK_*_OFFSET constants in src/livemig/machine/kvm.py).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,6 +23,8 @@ export LC_ALL=C
 LOAD_ADDR=0x7c00
 WALK_START_OFFSET=0x1f4
 WALK_END_OFFSET=0x1f8
+WALK_TICK_OFFSET=0x1e8
+WALK_PACE_OFFSET=0x1ec
 
 # ld >= 2.39 warns about the single RWX segment a flat boot sector has.
 quiet=""
@@ -60,6 +62,8 @@ check_offset() {  # symbol expected-offset
 }
 check_offset walk_start "$WALK_START_OFFSET"
 check_offset walk_end "$WALK_END_OFFSET"
+check_offset tick_pages "$WALK_TICK_OFFSET"
+check_offset pace "$WALK_PACE_OFFSET"
 
 cp "$tmp/walk.bin" "$out"
 chmod 644 "$out"

@@ -15,6 +15,8 @@
 # Patchable words (little-endian u32, byte offsets in the 512-byte image;
 # livemig.machine.kvm.WALK_START_OFFSET / WALK_END_OFFSET, checked by
 # build.sh against the symbol table):
+#   0x1e8  tick_pages   default 0: write '.' to COM1 after every N pages walked
+#   0x1ec  pace         default 0: TSC cycles to busy-wait (rdtsc) after each page
 #   0x1f4  walk_start   default 0x00100000 (1 MiB)
 #   0x1f8  walk_end     default 0x06400000 (100 MiB), exclusive
 # Both must be 4 KiB aligned with walk_start < walk_end <= 4 GiB - 4 KiB.
@@ -78,18 +80,37 @@ pm32:
         addl    $PAGE_SIZE, %eax
         jmp     1b
 2:
-        xorl    %ebx, %ebx              # %bl: pass counter (mod 64)
-
-pass:   movl    %esi, %eax
-3:      cmpl    %edi, %eax
+        # The walk: esi = page, edi = end, bl = pass counter (mod 64), ebp = pages
+        # to the next tick; eax/ecx/edx are scratch (rdtsc writes edx:eax).
+        xorl    %ebx, %ebx
+        movl    tick_pages, %ebp
+pass:   movl    walk_start, %esi
+3:      cmpl    %edi, %esi
         jae     4f
-        incb    (%eax)
-        addl    $PAGE_SIZE, %eax
+        incb    (%esi)
+        addl    $PAGE_SIZE, %esi
+        movl    tick_pages, %ecx        # a '.' every tick_pages pages (0: none)
+        jecxz   6f
+        decl    %ebp
+        jg      6f
+        movl    %ecx, %ebp
+        movw    $COM1, %dx
+        movb    $'.', %al
+        outb    %al, %dx
+6:      movl    pace, %ecx              # then busy-wait pace TSC cycles (0: none)
+        jecxz   3b
+        rdtsc
+        movl    %eax, %ecx
+7:      rdtsc
+        subl    %ecx, %eax              # cycles since the page (mod 2^32)
+        cmpl    pace, %eax
+        jb      7b
         jmp     3b
 4:      incb    %bl
         andb    $0x3f, %bl
         jnz     pass
-        movb    $'B', %al               # %dx still holds COM1
+        movw    $COM1, %dx
+        movb    $'B', %al
         outb    %al, %dx
         jmp     pass
 
@@ -105,7 +126,12 @@ gdt_desc:
         .long   gdt
 
         # Fixed-offset parameter block, then the boot signature.
-        .org    0x1f0
+        .org    0x1e8
+        .globl  tick_pages, pace
+tick_pages:
+        .long   0                       # a '.' to COM1 every N pages; 0: off
+pace:
+        .long   0                       # TSC cycles to busy-wait after each page; 0: off
         .ascii  "LMWK"
         .globl  walk_start, walk_end
 walk_start:

@@ -11,13 +11,13 @@ import socket
 import subprocess
 
 import pytest
-from qemu.qmp import ExecuteError
 from conftest import (
     assert_same_guest,
     run_with,
     start_pair,
     wait_completed,
 )
+from qemu.qmp import ExecuteError
 
 
 async def pass_fd(vm, fd: int, **getfd_or_addfd) -> dict:

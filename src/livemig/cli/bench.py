@@ -357,17 +357,9 @@ def plot_downtime(rows: list[dict], engines: list[str], path: str) -> bool:
 
 
 def host_tsc_hz() -> float:
-    """The TSC rate the guest's ``pace`` counts in (constant_tsc hosts: the
-    nominal clock; /proc/cpuinfo's ``cpu MHz`` on this machine's x86 CPUs)."""
-    from livemig.machine import soft
-    fn = getattr(soft, "tsc_hz", None)
-    if callable(fn):
-        return float(fn())
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) * 1e6
-    raise RuntimeError("cannot tell the TSC rate: no 'cpu MHz' in /proc/cpuinfo")
+    """The TSC rate the guest's ``pace`` counts in (``machine/tsc.py``)."""
+    from livemig.machine.tsc import tsc_hz
+    return tsc_hz()
 
 
 @dataclass

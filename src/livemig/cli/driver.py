@@ -73,7 +73,9 @@ class Vm:
                   "-serial", serial, "-name", s.name]
         if s.incoming:
             common += ["-incoming", s.incoming]
-        if s.paused:
+        # A serial socket drops what the guest writes before the observer is
+        # connected: such a VM starts paused and runs once it is (Vm.start).
+        if s.paused or (s.serial_socket and not s.incoming):
             common += ["-S"]
         if s.engine == "qemu":
             accel = "kvm" if s.accel in ("kvm", "auto") else "tcg"
@@ -122,6 +124,8 @@ class Vm:
             except BaseException:
                 vm.kill()
                 raise
+            if not spec.paused and not spec.incoming:
+                await vm.cmd("cont")
         return vm
 
     async def _collect_events(self) -> None:

@@ -44,10 +44,15 @@ class GuestConfig:
     end: int = 100 * MIB
     rate_pages_per_s: int = DEFAULT_WALK_RATE_PAGES_PER_S
     image_path: str | None = None
+    tick_pages: int = 0           # a '.' on COM1 after every N pages walked; 0 = off
+    pace_cycles: int = 0          # TSC cycles the guest waits after each page; 0 = none
 
     @classmethod
     def parse_walk(cls, spec: str) -> GuestConfig:
-        """Parse ``walk[,start=1M,end=100M,rate=N]`` (QemuOpts, ``program`` implied)."""
+        """Parse ``walk[,start=1M,end=100M,rate=N,tick=N,pace=C]`` (QemuOpts,
+        ``program`` implied). ``pace`` is the guest's own (TSC cycles per page,
+        for KVM and QEMU alike); the soft vCPU then runs at the same
+        ``tsc_hz / pace`` pages/s, so ``rate`` and ``pace`` exclude each other."""
         opts = Opts.parse(spec, implied_key="program")
         program = opts.pairs[0][1] if opts.pairs and opts.pairs[0][0] == "program" else None
         if program != "walk":
@@ -57,15 +62,26 @@ class GuestConfig:
         for key, value in opts.pairs[1:]:
             if key in ("start", "end"):
                 kw[key] = parse_size(value)
-            elif key == "rate":
+            elif key in ("rate", "tick", "pace"):
                 try:
-                    kw["rate_pages_per_s"] = parse_option_number("rate", value)
+                    number = parse_option_number(key, value)
                 except QapiError as exc:
                     raise ValueError(exc.desc) from None
+                if key != "rate" and number > 0xFFFFFFFF:
+                    raise ValueError(f"walk {key} must fit in 32 bits")
+                kw[{"rate": "rate_pages_per_s", "tick": "tick_pages",
+                    "pace": "pace_cycles"}[key]] = number
             else:
                 raise ValueError(f"unknown guest option '{key}'")
+        if "rate_pages_per_s" in kw and kw.get("pace_cycles"):
+            raise ValueError("walk rate and pace exclude each other (pace sets the rate)")
+        rate = kw.get("rate_pages_per_s", cls.rate_pages_per_s)
+        if kw.get("pace_cycles"):
+            from livemig.machine.tsc import tsc_hz
+            rate = max(1, int(tsc_hz() / kw["pace_cycles"]))
         cfg = cls(kind="walk", start=kw.get("start", cls.start), end=kw.get("end", cls.end),
-                  rate_pages_per_s=kw.get("rate_pages_per_s", cls.rate_pages_per_s))
+                  rate_pages_per_s=rate, tick_pages=kw.get("tick_pages", 0),
+                  pace_cycles=kw.get("pace_cycles", 0))
         cfg.validate()
         return cfg
 

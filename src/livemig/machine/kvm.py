@@ -65,6 +65,9 @@ WALK_BOOTSECTOR_PATH = Path(__file__).with_name("walk-bootsector.bin")
 WALK_TAG_OFFSET = 0x1F0     # b"LMWK"
 WALK_START_OFFSET = 0x1F4   # first page of the walk (bytes), default 1 MiB
 WALK_END_OFFSET = 0x1F8     # end of the walk (bytes, exclusive), default 100 MiB
+WALK_TICK_OFFSET = 0x1E8    # a '.' to COM1 after every N pages; 0 = off
+WALK_PACE_OFFSET = 0x1EC    # TSC cycles to busy-wait after each page; 0 = full speed
+U32_MAX = 0xFFFFFFFF
 WALK_TAG = b"LMWK"
 WALK_END_MAX = 0xFFFFF000   # the walk is 32-bit code
 
@@ -116,9 +119,13 @@ def _ioctl_ulong(fd: int, request: int, value: int) -> int:
 
 
 # -- module helpers --------------------------------------------------------------------
-def bootsector_image(start: int, end: int) -> bytes:
+def bootsector_image(start: int, end: int, *, tick_pages: int = 0, pace: int = 0) -> bytes:
     """The walk boot sector patched to walk ``[start, end)`` (guest-physical bytes,
-    4 KiB aligned, end <= 0xFFFFF000): 512 bytes ending in 0x55 0xAA."""
+    4 KiB aligned, end <= 0xFFFFF000), ticking on COM1 every ``tick_pages``
+    pages and waiting ``pace`` TSC cycles after each page: 512 bytes ending in
+    0x55 0xAA."""
+    if not (0 <= tick_pages <= U32_MAX and 0 <= pace <= U32_MAX):
+        raise ValueError("walk tick and pace must be unsigned 32-bit numbers")
     if start % TARGET_PAGE_SIZE or end % TARGET_PAGE_SIZE or not 0 <= start < end:
         raise ValueError("walk start and end must be 4 KiB aligned with start < end")
     if end > WALK_END_MAX:
@@ -131,6 +138,8 @@ def bootsector_image(start: int, end: int) -> bytes:
                          "(rebuild it with guest/build.sh)")
     struct.pack_into("<I", image, WALK_START_OFFSET, start)
     struct.pack_into("<I", image, WALK_END_OFFSET, end)
+    struct.pack_into("<I", image, WALK_TICK_OFFSET, tick_pages)
+    struct.pack_into("<I", image, WALK_PACE_OFFSET, pace)
     return bytes(image)
 
 
@@ -220,7 +229,8 @@ class KvmAccelerator:
     @staticmethod
     def _guest_image(guest: GuestConfig) -> bytes:
         if guest.kind == "walk":
-            return bootsector_image(guest.start, guest.end)
+            return bootsector_image(guest.start, guest.end, tick_pages=guest.tick_pages,
+                                    pace=guest.pace_cycles)
         if guest.kind == "image":
             if not guest.image_path:
                 raise ValueError("guest kind 'image' needs an image path")

@@ -4,6 +4,12 @@ The walk is run in batches of pages with numpy (one strided ``+= 1`` per
 batch), so stop lands within one batch (about 1 ms at the default rate) and
 the per-page cost is C, not Python. The vCPU "registers" are the walk's
 program counter: phase, current page and pass counter.
+
+Ticks (``tick=N``): the batch writes as many ``.`` as multiples of N it
+crossed, so a tick is at most one batch (~1 ms) late. Pace (``pace=C``, TSC
+cycles per page in the guest program) becomes the soft rate ``tsc_hz / C``
+pages/s (``machine/tsc.py``): the KVM guest's rate less its own per-page
+cost, which the soft vCPU does not have.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class SoftAccelerator:
         self._first = guest.start // TARGET_PAGE_SIZE
         self._end = guest.end // TARGET_PAGE_SIZE
         self.phase, self.page, self.passes = PHASE_BOOT, self._first, 0
+        self._walked = 0              # pages walked, for the ticks (not migrated: phase only)
         self._run = threading.Event()       # set while the guest should run
         self._idle = threading.Event()      # set while the vCPU runs no guest code
         self._idle.set()
@@ -153,6 +160,13 @@ class SoftAccelerator:
         else:
             column[lo:hi] += 1
         self.dirty_log.mark_range(lo, hi)
+        if self.phase == PHASE_WALK and self.guest.tick_pages:
+            # A '.' after every tick_pages pages walked, as the guest program writes them.
+            n, tick = hi - lo, self.guest.tick_pages
+            ticks = (self._walked + n) // tick - self._walked // tick
+            self._walked += n
+            if ticks:
+                self.serial.write(b"." * ticks)
         if hi == self._end:
             hi = self._first
             if self.phase == PHASE_ZERO:

@@ -12,17 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 from livemig.machine.runstate import RunState
 from livemig.migration.status import MigrationStatus
-from livemig.qapi.capabilities import MIGRATE_SET_CAPABILITIES_ARGS
+from livemig.qapi import schema
+from livemig.qapi.capabilities import (
+    MIGRATE_SET_CAPABILITIES_ARGS,
+    MIGRATION_CAPABILITY_STATUS_LIST,
+)
 from livemig.qapi.errors import (
     DEVICE_NOT_FOUND,
     INCOMING_ALREADY_STARTED,
     INCOMING_NOT_SPECIFIED,
     MIGRATION_IN_PROGRESS,
 )
-from livemig.qapi import schema
-from livemig.qapi.schema import Array
-from livemig.qapi.capabilities import MIGRATION_CAPABILITY_STATUS_LIST
 from livemig.qapi.parameters import MIGRATE_SET_PARAMETERS, MIGRATION_PARAMETERS
+from livemig.qapi.schema import Array
 from livemig.qmp import fds as monitor_fds
 from livemig.qmp import introspect
 from livemig.qmp.errors import QMPError
