@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from livemig.cli.analyze import AnalyzeError, analyze_stream, find_vmdesc, main
+from livemig.migration.global_state import global_state_vmdesc
 from livemig.wire import (
     MigCmd,
     SectionType,
@@ -29,7 +30,6 @@ from livemig.wire import (
     encode_tagged_end,
     encode_vmdesc,
 )
-from livemig.migration.global_state import global_state_vmdesc
 
 S = SectionType
 UUID = bytes(range(16))

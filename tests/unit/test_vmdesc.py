@@ -66,7 +66,7 @@ def test_vmdesc_lists_described_handlers_in_section_order_in_qemus_form():
     desc = json.loads(qemu_savevm_state_vmdesc(_state(Ram(), cpu, gs)))
     assert list(desc) == ["page_size", "devices"] and desc["page_size"] == 4096
     assert [d["name"] for d in desc["devices"]] == ["cpu", "globalstate"]   # no ram, as QEMU
-    for d, out in zip(desc["devices"], (out_cpu, out_gs)):
+    for d, out in zip(desc["devices"], (out_cpu, out_gs), strict=True):
         assert list(d)[:4] == ["name", "instance_id", "vmsd_name", "version"]
         assert all({"name", "type", "size"} <= set(f) for f in d["fields"])
         assert _size(d) == len(out.data)
