@@ -94,7 +94,7 @@ EVENTS = {"events": True}
 
 # Payload framing of each section of a livemig source (for decoding its stream).
 SOURCE_KINDS = {"ram": PayloadKind.RAM, "acc0/accel": PayloadKind.TAGGED,
-                "cpu": PayloadKind.BLOB, "globalstate": PayloadKind.BLOB}
+                "cpu": PayloadKind.BLOB, "globalstate": PayloadKind.GLOBALSTATE}
 
 # What a Python traceback looks like in a process's stderr.
 TRACEBACK = "Traceback (most recent call last)"

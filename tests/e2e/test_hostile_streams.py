@@ -67,6 +67,7 @@ from livemig.wire import (
     encode_command,
     encode_eof,
     encode_footer,
+    encode_global_state,
     encode_ping,
     encode_ram_eos,
     encode_ram_pages,
@@ -82,7 +83,8 @@ pytestmark = pytest.mark.timeout(60)
 
 PAGE = 4096
 RAM = 64 * MIB
-DST_KINDS = {"ram": PayloadKind.RAM, "cpu": PayloadKind.BLOB, "globalstate": PayloadKind.BLOB}
+DST_KINDS = {"ram": PayloadKind.RAM, "cpu": PayloadKind.BLOB,
+             "globalstate": PayloadKind.GLOBALSTATE}
 # Peak memory a destination may add while refusing a hostile stream: its 4 MiB
 # receive buffer and some slack, far below what the hostile lengths announce.
 RSS_SLACK_KIB = 48 * 1024
@@ -167,7 +169,7 @@ HOSTILE = {
     # lengths far beyond anything real: refused before a byte of the payload arrives
     "oversize-machine-type": (preamble(None) + b"\x07" + BE32.pack(0xFFFFFFFF), False,
                               r"Machine type name of 4294967295 bytes exceeds the limit"),
-    "oversize-blob": (PRE + section(SectionType.SECTION_FULL, 2, "globalstate")
+    "oversize-blob": (PRE + section(SectionType.SECTION_FULL, 1, "cpu")
                       + BE32.pack(0xFFFFFFFF), False,
                       r"Blob of 4294967295 bytes exceeds the limit"),
     "oversize-ram-total": (PRE + section(SectionType.SECTION_START, 0, "ram", 4)
@@ -183,8 +185,9 @@ HOSTILE = {
                           r"soft vCPU state is 3 bytes, expected \d+"),
     "cpu-from-kvm": (RAM_SETUP + full(1, "cpu", b"\x03kvm" + bytes(64)), False,
                      r"vCPU state is from accelerator 'kvm', this VM runs 'soft'"),
-    "globalstate-garbage": (RAM_SETUP + full(2, "globalstate", b"\x00\x01garbage"), False,
-                            r"globalstate: bad run state"),
+    "globalstate-garbage": (RAM_SETUP + section(SectionType.SECTION_FULL, 2, "globalstate")
+                            + BE32.pack(1000) + bytes(100), False,
+                            r"globalstate: bad run state size 1000"),
     "garbage-instead-of-vmdesc": (RAM_SETUP + encode_eof() + b"\x42junk", False,
                                   r"Expected vmdescription section, but got 66\b"),
     "stream-ends-before-vmdesc": (RAM_SETUP + encode_eof(), True,
@@ -332,9 +335,9 @@ def test_real_stream_with_a_wrong_footer(fleet, captured):
 
 def _with_globalstate(raw: bytes, records, state: bytes) -> bytes:
     head = _record(records, "SectionFull", "globalstate")
-    blob = _record(records, "Blob", nth=-1)
-    assert blob.start == head.end
-    return raw[:blob.start] + encode_blob(state) + raw[blob.end:]
+    record = _record(records, "GlobalStateRecord", nth=-1)
+    assert record.start == head.end
+    return raw[:record.start] + encode_global_state(state.decode()) + raw[record.end:]
 
 
 def test_globalstate_naming_a_state_never_sent(fleet, captured):
@@ -350,11 +353,11 @@ def test_globalstate_naming_a_state_never_sent(fleet, captured):
 
 @pytest.mark.timeout(60)
 def test_a_record_far_larger_than_its_section_is_not_buffered(fleet):
-    """A ``globalstate`` record (a run-state name, 32 bytes at most) announced at
-    200 MiB: the destination must refuse it, not buffer what the peer sends."""
+    """A ``cpu`` record (a few KiB of vCPU state) announced at 200 MiB: the
+    destination must refuse it, not buffer what the peer sends."""
     async def body():
         dst, sock, base = await send_hostile(
-            fleet, PRE + section(SectionType.SECTION_FULL, 2, "globalstate")
+            fleet, PRE + section(SectionType.SECTION_FULL, 1, "cpu")
             + BE32.pack(200 * MIB), close=False)
         try:
             chunk = bytes(MIB)
@@ -370,7 +373,7 @@ def test_a_record_far_larger_than_its_section_is_not_buffered(fleet):
                 await dst.cmd("query-migrate")
             peak = dst.peak_rss_kib() or 0
             assert peak - base < RSS_SLACK_KIB, \
-                f"{sent >> 20} MiB sent into a globalstate record: peak RSS grew " \
+                f"{sent >> 20} MiB sent into a cpu record: peak RSS grew " \
                 f"{(peak - base) >> 10} MiB ({info.get('status')})"
             assert info["status"] == "failed", info
             assert re.search(r"Blob of 209715200 bytes exceeds the limit", info["error-desc"])
