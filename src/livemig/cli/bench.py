@@ -147,12 +147,20 @@ async def walk_pair(engine: str, ram: str, walk_end: str, workdir: str, *,
         await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
         await src.wait_serial(lambda d: d.startswith(b"A"))
-        last = parse_size(walk_end) - 4096
         deadline = time.monotonic() + 120
-        while (await src.pmem(last, 1)) == b"\0":
-            if time.monotonic() > deadline:
-                raise TimeoutError("the guest's walk did not complete a pass")
-            await asyncio.sleep(0.05)
+        if pace and src.serial is not None:
+            # A paced walk: its zeroing pass runs at full speed, its ticks start with
+            # the walk; a second of them is enough (a full paced pass takes long).
+            while src.serial.snapshot().ticks < 1000:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the paced walk does not tick")
+                await asyncio.sleep(0.05)
+        else:
+            last = parse_size(walk_end) - 4096
+            while (await src.pmem(last, 1)) == b"\0":
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the guest's walk did not complete a pass")
+                await asyncio.sleep(0.05)
         yield src, dst, f"tcp:127.0.0.1:{port}"
     finally:
         await src.close()
@@ -372,11 +380,14 @@ class Calibration:
     tsc_hz: float
     by_engine: dict[str, dict[str, float]]
 
-    def pace_for(self, pct: int) -> int:
-        """TSC cycles per page for a walk at ``pct`` % of the link's rate: the
-        cycles a page may take, less what the unpaced walk spends per page."""
+    def pace_for(self, pct: int, engine: str) -> int:
+        """TSC cycles per page for a walk at ``pct`` % of the link's rate on
+        ``engine``: the cycles a page may take, less what a paced page costs
+        besides, measured per engine at one pace (under nested KVM a page and
+        its ``rdtsc`` loop cost more than the pace, and not the same on QEMU's
+        vCPU as on livemig's), so both engines' guests walk at the same rate."""
         target = self.link_pages_per_s * pct / 100
-        return max(1, int(self.tsc_hz / target - self.tsc_hz / self.walk_pages_per_s))
+        return max(1, int(self.tsc_hz / target - self.by_engine[engine]["page_cost_cycles"]))
 
 
 async def calibrate(engines: list[str], workdir: str, accel: str) -> Calibration:
@@ -397,10 +408,32 @@ async def calibrate(engines: list[str], workdir: str, accel: str) -> Calibration
             info = await src.wait_status(timeout=120, poll=0.01)
             total_s = max(1e-3, (int(info.get("total-time", 0))
                                  - int(info.get("setup-time", 0))) / 1000)
-            pages = int(info.get("ram", {}).get("normal", 0))
+            pages = int(info.get("ram", {}).get("transferred", 0)) / 4096
             by_engine[engine] = {"link_pages_per_s": pages / total_s, "walk_pages_per_s": walk}
-            print(f"calibrate {engine}: link {pages / total_s:.0f} pages/s, "
-                  f"walk {walk:.0f} pages/s", flush=True)
+        # One paced walk measures what a paced page costs besides its pace.
+        probe_pace = int(host_tsc_hz() / 30_000)
+        image = walk_image(os.path.join(workdir, f"cal-{engine}-p.img"), "1G", tick=TICK_PAGES,
+                           pace=probe_pace)
+        vm = await Vm.start(VmSpec(name=f"cal-{engine}-p", engine=engine, ram="2G",
+                                   accel=accel, walk_end="1G", boot_image=image,
+                                   walk_tick=TICK_PAGES, walk_pace=probe_pace,
+                                   serial_socket=True), workdir)
+        try:
+            assert vm.serial is not None
+            deadline = time.monotonic() + 60
+            while vm.serial.snapshot().ticks < 500 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            t = time.monotonic()
+            await asyncio.sleep(1.0)
+            paced = vm.serial.snapshot().rate(t, time.monotonic()) * TICK_PAGES
+        finally:
+            await vm.close()
+        by_engine[engine]["paced_pages_per_s"] = paced
+        by_engine[engine]["probe_pace"] = probe_pace
+        by_engine[engine]["page_cost_cycles"] = (
+            max(0.0, host_tsc_hz() / paced - probe_pace) if paced > 0 else 0.0)
+        print(f"calibrate {engine}: link {by_engine[engine]['link_pages_per_s']:.0f} pages/s, "
+              f"walk {walk:.0f} pages/s, at pace {probe_pace} {paced:.0f} pages/s", flush=True)
     ref = by_engine.get("qemu") or by_engine["livemig"]
     walk = statistics.mean(v["walk_pages_per_s"] for v in by_engine.values())
     return Calibration(ref["link_pages_per_s"], walk, host_tsc_hz(), by_engine)
@@ -423,13 +456,16 @@ async def bench(args: argparse.Namespace) -> int:
             cal = await calibrate(engines, workdir, args.accel)
         for scenario in scenarios:
             sc = SCENARIOS[scenario]
-            pace = cal.pace_for(sc.pace_pct) if cal and sc.pace_pct is not None else 0
-            image = walk_image(os.path.join(workdir, f"walk-{scenario}.img"), sc.walk_end,
-                               tick=TICK_PAGES, pace=pace)
             runs_on = [e for e in engines if e == "livemig" or not sc.livemig_only]
+            paces = {e: cal.pace_for(sc.pace_pct, e) if cal and sc.pace_pct is not None else 0
+                     for e in runs_on}
+            images = {e: walk_image(os.path.join(workdir, f"walk-{scenario}-{e}.img"),
+                                    sc.walk_end, tick=TICK_PAGES, pace=paces[e])
+                      for e in runs_on}
             for rep in range(args.reps):
                 for engine in runs_on:     # alternate engines run by run
                     t0 = time.monotonic()
+                    image, pace = images[engine], paces[engine]
                     try:
                         r = await one_run(engine, scenario, rep, workdir, image, args.accel,
                                           args.mem_prealloc, pace=pace,
