@@ -107,3 +107,18 @@ def test_accel_entry_names_its_framing():
     from livemig.machine.accel_vmstate import AccelHandler
     d = AccelHandler.vmstate_description(AccelHandler.__new__(AccelHandler))
     assert d["x-livemig-framing"] == "vfio-tagged" and d["fields"] == []
+
+
+def test_the_configuration_is_described_with_its_uuid_subsection():
+    import json
+
+    from livemig.migration.savevm import SaveVMState, qemu_savevm_state_vmdesc
+    desc = json.loads(qemu_savevm_state_vmdesc(SaveVMState(),
+                                               ("livemig-pc-10.0", bytes(range(16)))))
+    conf = desc["configuration"]
+    assert conf["fields"] == [{"name": "len", "type": "uint32", "size": 4},
+                              {"name": "name", "type": "buffer", "size": 15}]
+    assert conf["subsections"][0]["vmsd_name"] == "configuration/uuid"
+    assert conf["subsections"][0]["fields"][0]["size"] == 16
+    plain = json.loads(qemu_savevm_state_vmdesc(SaveVMState(), ("livemig-pc-10.0", None)))
+    assert "subsections" not in plain["configuration"]

@@ -62,6 +62,9 @@ class SaveVMState:
 
     def __init__(self) -> None:
         self.handlers: list[SaveVMHandlers] = []
+        # What the header's configuration section carried (machine type, uuid),
+        # for the VM description; None before qemu_savevm_state_header.
+        self.configuration: tuple[str, bytes | None] | None = None
 
     def register_savevm_live(self, handler: SaveVMHandlers) -> int:
         """Add a handler; its section id is its position (QEMU's
@@ -173,11 +176,27 @@ def qemu_savevm_state_complete_precopy_non_iterable(state: SaveVMState, f: OutSt
         with _section(f, SectionType.SECTION_FULL, sid, h):
             h.save_state(f)
     f.write(encode_eof())
-    f.write(encode_vmdesc(qemu_savevm_state_vmdesc(state)))
+    f.write(encode_vmdesc(qemu_savevm_state_vmdesc(state, state.configuration)))
     f.flush()
 
 
-def qemu_savevm_state_vmdesc(state: SaveVMState) -> bytes:
+def configuration_vmdesc(machine_type: str, uuid: bytes | None) -> dict[str, Any]:
+    """The ``configuration`` section as QEMU describes it (``vmstate_configuration``):
+    the name's length and bytes, and the ``configuration/uuid`` subsection when
+    ``validate-uuid`` sent one, so readers walk that subsection too."""
+    desc: dict[str, Any] = {
+        "vmsd_name": "configuration", "version": 1,
+        "fields": [{"name": "len", "type": "uint32", "size": 4},
+                   {"name": "name", "type": "buffer", "size": len(machine_type.encode())}]}
+    if uuid is not None:
+        desc["subsections"] = [{"vmsd_name": "configuration/uuid", "version": 1,
+                                "fields": [{"name": "uuid", "type": "buffer",
+                                            "size": len(uuid)}]}]
+    return desc
+
+
+def qemu_savevm_state_vmdesc(state: SaveVMState,
+                             configuration: tuple[str, bytes | None] | None = None) -> bytes:
     """The VM description after EOF (QEMU's vmdesc JSON): ``page_size`` and a
     ``devices`` entry per section that has a description
     (:meth:`SaveVMHandlers.vmstate_description`), in section order, each
@@ -191,7 +210,11 @@ def qemu_savevm_state_vmdesc(state: SaveVMState) -> bytes:
         if desc is None:
             continue
         devices.append({"name": h.idstr, "instance_id": h.instance_id, **desc})
-    return json.dumps({"page_size": 4096, "devices": devices}, separators=(",", ":")).encode()
+    out: dict[str, Any] = {"page_size": 4096}
+    if configuration is not None:
+        out["configuration"] = configuration_vmdesc(*configuration)
+    out["devices"] = devices
+    return json.dumps(out, separators=(",", ":")).encode()
 
 
 def qemu_savevm_state_cleanup(state: SaveVMState,

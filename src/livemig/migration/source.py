@@ -222,6 +222,7 @@ class MigrationState(AnnouncesStatus):
         f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
         uuid = self.machine.uuid_bytes if self.caps.validate_uuid else None
         savevm.qemu_savevm_state_header(f, self.machine.machine_type, uuid)
+        self.savevm.configuration = (self.machine.machine_type, uuid)
         if self.caps.return_path:
             if not channel.supports_return_path:
                 raise MigrationError("Unable to open return-path for postcopy")
