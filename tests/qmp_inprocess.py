@@ -194,3 +194,15 @@ def inprocess_fleet(tmp_path: Any) -> Iterator[InProcessFleet]:
         yield fleet
     finally:
         fleet.kill_all()
+
+
+def run_in_fleet(fleet: InProcessFleet, body: Any) -> Any:
+    """Run ``body()`` on a fresh loop; the fleet's VMs are closed after, on that loop."""
+    import asyncio
+
+    async def main() -> Any:
+        try:
+            return await body()
+        finally:
+            await fleet.close_all()
+    return asyncio.run(main())

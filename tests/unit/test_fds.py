@@ -5,7 +5,6 @@ Expected texts are QEMU 10.0.2's answers to the same calls."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import sys
@@ -19,7 +18,7 @@ from livemig.qmp.errors import QMPError
 from livemig.qmp.fds import FdSets, MonitorFds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for qmp_inprocess
-from qmp_inprocess import InProcessFleet, inprocess_fleet  # noqa: E402
+from qmp_inprocess import InProcessFleet, inprocess_fleet, run_in_fleet  # noqa: E402
 
 
 @pytest.fixture
@@ -28,12 +27,7 @@ def inproc(tmp_path):
 
 
 def run(fleet: InProcessFleet, body) -> Any:
-    async def main() -> Any:
-        try:
-            return await body()
-        finally:
-            await fleet.close_all()
-    return asyncio.run(main())
+    return run_in_fleet(fleet, body)
 
 
 async def error(vm, command: str, **args: Any) -> str:

@@ -7,7 +7,6 @@ introspection a client sees (``tests/qmp_inprocess.py``: the real VM's QMP).
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from livemig.qapi import schema
 from livemig.qmp.introspect import check_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for qmp_inprocess
-from qmp_inprocess import InProcessFleet, inprocess_fleet  # noqa: E402
+from qmp_inprocess import InProcessFleet, inprocess_fleet, run_in_fleet  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "livemig"
 
@@ -56,12 +55,7 @@ def inproc(tmp_path):
 
 
 def run(fleet: InProcessFleet, body) -> Any:
-    async def main() -> Any:
-        try:
-            return await body()
-        finally:
-            await fleet.close_all()
-    return asyncio.run(main())
+    return run_in_fleet(fleet, body)
 
 
 def _by_name(entities: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
