@@ -278,9 +278,10 @@ def analyze_stream(data: bytes | mmap.mmap) -> dict[str, Any]:
                 "section_id": section_id, "name": idstr, "instance_id": instance_id,
                 "version": vid, "records": Counter(), "bytes": 0})
         else:
-            sec = sections.get(section_id)
-            if sec is None:
+            started = sections.get(section_id)
+            if started is None:
                 raise AnalyzeError(f"section {section_id} continued before it started", at)
+            sec = started
         sec["records"][_TYPES[t]] += 1
         p0 = r.pos
         desc = devices.get((sec["name"], sec["instance_id"]))
@@ -313,14 +314,15 @@ def analyze_stream(data: bytes | mmap.mmap) -> dict[str, Any]:
     out["commands"] = commands
     out["switchover_ack"] = {"dev_init_data_sent": init_data_sent}
     out["eof_offset"] = end_offset
+    desc_json: dict[str, Any] = vmdesc or {}
     out["vmdesc"] = None if found is None else {
         "offset": found[0], "bytes": len(data) - found[0] - 5,
-        "page_size": vmdesc.get("page_size"),
+        "page_size": desc_json.get("page_size"),
         "devices": [{"name": d.get("name"), "instance_id": d.get("instance_id"),
                      "vmsd_name": d.get("vmsd_name"), "version": d.get("version"),
                      "fields": len(d.get("fields", [])),
                      "subsections": len(d.get("subsections", []))}
-                    for d in vmdesc.get("devices", [])],
+                    for d in desc_json.get("devices", [])],
         "json": vmdesc}
     return out
 

@@ -146,7 +146,7 @@ async def walk_pair(engine: str, ram: str, walk_end: str, workdir: str, *,
         await src.set_params(max_bandwidth=max_bandwidth, downtime_limit=downtime_limit)
         await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
-        await src.wait_serial(lambda d: d.startswith(b"A"))
+        await src.wait_booted()
         deadline = time.monotonic() + 120
         if pace and src.serial is not None:
             # A paced walk: its zeroing pass runs at full speed, its ticks start with

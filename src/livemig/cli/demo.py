@@ -65,7 +65,7 @@ async def migrate_once(workdir: str, label: str, *, ack: bool, ram: str, walk_en
         await src.set_params(max_bandwidth=0, downtime_limit=300)
         await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0", **{"exit-on-error": False})
         port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
-        await src.wait_serial(lambda data: data.startswith(b"A"))
+        await src.wait_booted()
         t = time.monotonic()
         await asyncio.sleep(0.2)        # a stretch of ticks to measure the walk's rate on
         rate = src.serial.snapshot().rate(t, time.monotonic()) * TICK_PAGES

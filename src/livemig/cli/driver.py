@@ -188,6 +188,19 @@ class Vm:
             await asyncio.sleep(0.01)
         return data
 
+    async def wait_booted(self, timeout: float = 30.0) -> None:
+        """The guest runs: it wrote to COM1. A serial socket may have dropped the
+        'A' (the VM accepts its observer on its own thread, so the first bytes
+        can come before): then a tick or a 'B' says it as well."""
+        if self.serial is None:
+            await self.wait_serial(lambda d: d.startswith(b"A"), timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while not self.serial.log.bytes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.spec.name}: no serial output")
+            await asyncio.sleep(0.01)
+
     async def pmem(self, addr: int, size: int) -> bytes:
         fd, path = tempfile.mkstemp(dir=self.workdir, suffix=".mem")
         os.close(fd)
