@@ -8,18 +8,28 @@
 # page in turn, writing 'B' to COM1 every 64 full passes (8-bit pass counter
 # masked with 0x3f).
 #
+# Ticks and pace (both off by default, so the default image behaves as
+# above): in the incrementing passes only (the zeroing pass is silent and
+# unpaced), after each page it writes '.' to COM1 once every tick_pages pages
+# (a countdown in %ebp, kept across passes, so the first '.' follows page
+# tick_pages of the first pass), then busy-waits until rdtsc has advanced
+# pace cycles (low 32 bits, so pace < 2^32 cycles, ~1.6 s at 2.6 GHz).
+# Under KVM the TSC runs at the host's rate: pages/s ~ tsc_hz / (pace + the
+# per-page cost).
+#
 # It needs no BIOS: it works both under SeaBIOS (QEMU, from a raw drive) and
 # when a VMM loads it at 0x7c00 and starts the vCPU at CS:IP 0000:7c00.
 # Interrupts stay disabled from the first instruction on (there is no IDT).
 #
 # Patchable words (little-endian u32, byte offsets in the 512-byte image;
-# livemig.machine.kvm.WALK_START_OFFSET / WALK_END_OFFSET, checked by
-# build.sh against the symbol table):
+# livemig.machine.kvm.WALK_TICK_OFFSET / WALK_PACE_OFFSET / WALK_START_OFFSET /
+# WALK_END_OFFSET, checked by build.sh against the symbol table):
 #   0x1e8  tick_pages   default 0: write '.' to COM1 after every N pages walked
 #   0x1ec  pace         default 0: TSC cycles to busy-wait (rdtsc) after each page
 #   0x1f4  walk_start   default 0x00100000 (1 MiB)
 #   0x1f8  walk_end     default 0x06400000 (100 MiB), exclusive
-# Both must be 4 KiB aligned with walk_start < walk_end <= 4 GiB - 4 KiB.
+# walk_start and walk_end must be 4 KiB aligned with walk_start < walk_end
+# <= 4 GiB - 4 KiB. Code and GDT end at 0xde: 266 bytes free below 0x1e8.
 # Offset 0x1f0 holds the tag "LMWK" so a patcher can check it has the right
 # image. Build: guest/build.sh.
 

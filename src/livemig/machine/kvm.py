@@ -22,7 +22,12 @@ The walk runs at the vCPU's speed: ``GuestConfig.rate_pages_per_s`` paces the
 soft accelerator only. On this project's machines (nested ``kvm_pvm``) that is
 ~300k pages/s, as for QEMU: the kernel emulates a guest without paging
 instruction by instruction (the vCPU's ``insn_emulation`` stat counts ~5
-instructions per page), with no exit to userspace.
+instructions per page), with no exit to userspace. ``GuestConfig.pace_cycles``
+and ``tick_pages`` are the guest's own (patched into the image, words 0x1ec
+and 0x1e8): it busy-waits ``pace`` TSC cycles after each page (the vCPU's TSC
+runs at the host's rate, ``machine/tsc.py``), so pages/s is about
+``tsc_hz / (pace + per-page cost)``, and writes ``.`` to COM1 after every
+``tick_pages`` pages, one I/O exit each.
 
 Dirty logging is the classic KVM_GET_DIRTY_LOG (get, clear and re-protect in
 one call). KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 was measured and not adopted: for

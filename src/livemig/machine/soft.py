@@ -5,11 +5,26 @@ batch), so stop lands within one batch (about 1 ms at the default rate) and
 the per-page cost is C, not Python. The vCPU "registers" are the walk's
 program counter: phase, current page and pass counter.
 
-Ticks (``tick=N``): the batch writes as many ``.`` as multiples of N it
-crossed, so a tick is at most one batch (~1 ms) late. Pace (``pace=C``, TSC
-cycles per page in the guest program) becomes the soft rate ``tsc_hz / C``
-pages/s (``machine/tsc.py``): the KVM guest's rate less its own per-page
-cost, which the soft vCPU does not have.
+Ticks (``tick=N``), as ``guest/walk.S`` writes them: a ``.`` after every N
+pages of the incrementing passes (none in the zeroing pass), counted from
+the first incrementing page. A batch never crosses a tick boundary: it ends
+at the page that completes a tick, writes the ``.`` at once, and only then
+does the vCPU sleep to keep its rate. So each ``.`` leaves when its page is
+written (never buffered to the end of a longer batch), ``.`` and ``B`` come
+in the guest's order, and the tick count is derived from the migrated state
+(pass counter and page), so a destination ticks on the source's phase.
+
+Pace (``pace=C``, TSC cycles the guest busy-waits after each page): the soft
+vCPU runs at ``tsc_hz / C`` pages/s, with ``tsc_hz`` read once from the host
+(``machine/tsc.py``: KVM_GET_TSC_KHZ of a scratch vCPU when /dev/kvm is
+usable, else ``cpu MHz`` of /proc/cpuinfo; 2.6 GHz here). A KVM guest with
+the same pace runs at ``tsc_hz / (C + per-page cost)``: the soft vCPU has no
+per-page cost to add, so at small paces it is faster than KVM; at paces well
+above the KVM per-page cost (~13k cycles under this project's nested KVM)
+they agree. Pace wins over ``rate`` (:meth:`GuestConfig.soft_rate_pages_per_s`);
+``-guest`` refuses both at once. The rate is kept against a clock restarted
+at every resume, in batches of about 1 ms of pages, so ticks are at most one
+batch early and the tick period is ``N / rate`` seconds.
 """
 
 from __future__ import annotations
@@ -51,7 +66,6 @@ class SoftAccelerator:
         self._first = guest.start // TARGET_PAGE_SIZE
         self._end = guest.end // TARGET_PAGE_SIZE
         self.phase, self.page, self.passes = PHASE_BOOT, self._first, 0
-        self._walked = 0              # pages walked, for the ticks (not migrated: phase only)
         self._run = threading.Event()       # set while the guest should run
         self._idle = threading.Event()      # set while the vCPU runs no guest code
         self._idle.set()
@@ -125,7 +139,7 @@ class SoftAccelerator:
     # -- vCPU thread -----------------------------------------------------------
     def _vcpu_thread(self) -> None:
         name_native_thread()
-        rate = self.guest.rate_pages_per_s
+        rate = self.guest.soft_rate_pages_per_s()
         batch = _BATCH_PAGES_MAX if rate == 0 else max(1, min(_BATCH_PAGES_MAX,
                                                               int(rate * _BATCH_SECONDS)))
         column = self.ram.pages[:, 0]  # first byte of every page, a strided view
@@ -155,18 +169,19 @@ class SoftAccelerator:
             return 0
         lo = self.page
         hi = min(lo + batch, self._end)
+        tick = self.guest.tick_pages if self.phase == PHASE_WALK else 0
+        if tick:
+            # Pages walked before this batch (from the migrated state), and the
+            # batch cut at the page that completes the next tick.
+            walked = self.passes * (self._end - self._first) + (lo - self._first)
+            hi = min(hi, lo + tick - walked % tick)
         if self.phase == PHASE_ZERO:
             column[lo:hi] = 0
         else:
             column[lo:hi] += 1
         self.dirty_log.mark_range(lo, hi)
-        if self.phase == PHASE_WALK and self.guest.tick_pages:
-            # A '.' after every tick_pages pages walked, as the guest program writes them.
-            n, tick = hi - lo, self.guest.tick_pages
-            ticks = (self._walked + n) // tick - self._walked // tick
-            self._walked += n
-            if ticks:
-                self.serial.write(b"." * ticks)
+        if tick and (walked + hi - lo) % tick == 0:
+            self.serial.write(b".")
         if hi == self._end:
             hi = self._first
             if self.phase == PHASE_ZERO:
