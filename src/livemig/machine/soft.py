@@ -24,7 +24,8 @@ this project's nested KVM the cost was measured at 11k cycles unpaced and 21k
 at C = 26 000, 27k at C = 100 000 (the busy-wait overshoots by a slow
 ``rdtsc`` loop turn): 230k, 55k and 20k pages/s against the soft vCPU's
 100k and 26k for those paces. A bench that wants one rate on both engines
-gives the soft walk that rate (``rate=``) or KVM a pace less its cost. Pace wins over ``rate`` (:meth:`GuestConfig.soft_rate_pages_per_s`);
+gives the soft walk that rate (``rate=``) or KVM a pace less its cost.
+Pace wins over ``rate`` (:meth:`GuestConfig.soft_rate_pages_per_s`);
 ``-guest`` refuses both at once. The rate is kept against a clock restarted
 at every resume, in batches of about 1 ms of pages, so ticks are at most one
 batch early and the tick period is ``N / rate`` seconds.
