@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +16,10 @@ from livemig.wire import (
     SectionType,
     VfioMigFlag,
     encode_command,
-    encode_configuration,
     encode_eof,
     encode_footer,
     encode_global_state,
-    encode_header,
     encode_ping,
-    encode_ram_block_list,
     encode_ram_eos,
     encode_ram_multifd_flush,
     encode_ram_pages,
@@ -30,6 +29,9 @@ from livemig.wire import (
     encode_tagged_end,
     encode_vmdesc,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: streams.py
+from streams import preamble, ram_section_start  # noqa: E402
 
 S = SectionType
 UUID = bytes(range(16))
@@ -51,10 +53,9 @@ def build(vmdesc=VMDESC) -> bytes:
     page = np.full((2, 4096), 7, dtype=np.uint8)
     sub = b"\x05\x07dev/sub" + (1).to_bytes(4, "big") + bytes(8)
     parts = [
-        encode_header(), encode_configuration("livemig-pc-10.0", uuid=UUID),
+        preamble("livemig-pc-10.0", UUID),
         encode_command(MigCmd.OPEN_RETURN_PATH), encode_ping(1),
-        encode_section_header(S.SECTION_START, 0, "ram", 0, 4),
-        encode_ram_block_list([("pc.ram", 1 << 20), ("pc.rom", 8192)]), encode_ram_eos(),
+        ram_section_start(0, [("pc.ram", 1 << 20), ("pc.rom", 8192)]), encode_ram_eos(),
         encode_footer(0),
         encode_section_header(S.SECTION_START, 1, "acc0/accel", 0, 1),
         encode_tagged_end(VfioMigFlag.END_OF_STATE), encode_footer(1),

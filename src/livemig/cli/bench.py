@@ -25,6 +25,7 @@ from typing import Any
 from livemig.cli.driver import Vm, VmSpec, qemu_available
 from livemig.cli.guest_clock import guest_gap
 from livemig.machine.guest import parse_size
+from livemig.machine.tsc import tsc_hz
 
 
 @dataclass(frozen=True)
@@ -364,12 +365,6 @@ def plot_downtime(rows: list[dict], engines: list[str], path: str) -> bool:
     return True
 
 
-def host_tsc_hz() -> float:
-    """The TSC rate the guest's ``pace`` counts in (``machine/tsc.py``)."""
-    from livemig.machine.tsc import tsc_hz
-    return tsc_hz()
-
-
 @dataclass
 class Calibration:
     """The single-channel migration rate and the unpaced walk rate on this
@@ -411,7 +406,7 @@ async def calibrate(engines: list[str], workdir: str, accel: str) -> Calibration
             pages = int(info.get("ram", {}).get("transferred", 0)) / 4096
             by_engine[engine] = {"link_pages_per_s": pages / total_s, "walk_pages_per_s": walk}
         # One paced walk measures what a paced page costs besides its pace.
-        probe_pace = int(host_tsc_hz() / 30_000)
+        probe_pace = int(tsc_hz() / 30_000)
         image = walk_image(os.path.join(workdir, f"cal-{engine}-p.img"), "1G", tick=TICK_PAGES,
                            pace=probe_pace)
         vm = await Vm.start(VmSpec(name=f"cal-{engine}-p", engine=engine, ram="2G",
@@ -431,12 +426,12 @@ async def calibrate(engines: list[str], workdir: str, accel: str) -> Calibration
         by_engine[engine]["paced_pages_per_s"] = paced
         by_engine[engine]["probe_pace"] = probe_pace
         by_engine[engine]["page_cost_cycles"] = (
-            max(0.0, host_tsc_hz() / paced - probe_pace) if paced > 0 else 0.0)
+            max(0.0, tsc_hz() / paced - probe_pace) if paced > 0 else 0.0)
         print(f"calibrate {engine}: link {by_engine[engine]['link_pages_per_s']:.0f} pages/s, "
               f"walk {walk:.0f} pages/s, at pace {probe_pace} {paced:.0f} pages/s", flush=True)
     ref = by_engine.get("qemu") or by_engine["livemig"]
     walk = statistics.mean(v["walk_pages_per_s"] for v in by_engine.values())
-    return Calibration(ref["link_pages_per_s"], walk, host_tsc_hz(), by_engine)
+    return Calibration(ref["link_pages_per_s"], walk, tsc_hz(), by_engine)
 
 
 async def bench(args: argparse.Namespace) -> int:

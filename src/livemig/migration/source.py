@@ -205,7 +205,7 @@ class MigrationState(AnnouncesStatus):
             return exc.desc
         return str(exc) or type(exc).__name__
 
-    def _check(self) -> None:
+    def check(self) -> None:
         """Raise if cancelled or if the return path or multifd reported a failure."""
         if self.sm.status is S.CANCELLING:
             raise MigrationCancelled()
@@ -217,7 +217,7 @@ class MigrationState(AnnouncesStatus):
     def _run(self, address) -> None:
         channel = address if isinstance(address, Channel) else self._connect(address)
         self.channel = channel                 # a Channel: already connected (tests, fd:)
-        self._check()
+        self.check()
         f = self.file = QEMUFile(channel)
         f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
         uuid = self.machine.uuid_bytes if self.caps.validate_uuid else None
@@ -243,9 +243,9 @@ class MigrationState(AnnouncesStatus):
         if self.caps.switchover_ack:
             self.switchover_ack_user_num = self.savevm.switchover_ack_needed()
         self.times.setup_done = self.clock()
-        self._check()
+        self.check()
         if not self._set(S.SETUP, S.ACTIVE):
-            self._check()
+            self.check()
         self._window_bytes0 = self.transferred()
         policy.migration_iterate_until_complete(self)
 
@@ -306,9 +306,6 @@ class MigrationState(AnnouncesStatus):
     def now(self) -> float:
         return self.clock()
 
-    def check(self) -> None:
-        self._check()
-
     def iteration_stats(self, window_start: float,
                         pending: int | None = None) -> policy.IterationStats:
         assert self.file is not None
@@ -330,8 +327,7 @@ class MigrationState(AnnouncesStatus):
             costs, rtt = self.dest_costs, self.rp_rtt_ms
         if costs is None:
             return True
-        fixed = costs.get("device-load-ms", 0.0) + costs.get("post-load-ms", 0.0) + rtt
-        return fixed < self.params.downtime_limit_ms
+        return switchover.destination_fixed_ms(costs) + rtt < self.params.downtime_limit_ms
 
     def pending_exact(self) -> int:
         return savevm.qemu_savevm_state_pending_exact(self.savevm)
@@ -444,14 +440,14 @@ class MigrationState(AnnouncesStatus):
         self._mark("src-vm-stopped")
         if self.caps.pause_before_switchover:
             if not self._set(S.ACTIVE, S.PRE_SWITCHOVER):
-                self._check()
+                self.check()
             while not self._continue.wait(0.1):
-                self._check()
-            self._check()
+                self.check()
+            self.check()
             if not self._set(S.PRE_SWITCHOVER, S.DEVICE):
-                self._check()
+                self.check()
         elif not self._set(S.ACTIVE, S.DEVICE):
-            self._check()
+            self.check()
         f.rate_limit_bytes = 0
         savevm.qemu_savevm_state_complete_precopy_iterable(self.savevm, f)
         self._mark("src-ram-queued")
@@ -462,9 +458,9 @@ class MigrationState(AnnouncesStatus):
         self.channel.finish()       # exec: the command got it all and exited 0
         self._mark("src-non-iterable-saved")
         if self.rp is not None:
-            self.rp.wait_shut(self._check)
+            self.rp.wait_shut(self.check)
             self._mark("src-return-path-shut")
-        self._check()
+        self.check()
         end = self.clock()
         self._mark("src-downtime-end")
         st = self.stats

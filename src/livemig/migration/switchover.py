@@ -138,6 +138,11 @@ class DowntimeEstimate:
         return out
 
 
+def destination_fixed_ms(costs: dict[str, float]) -> float:
+    """What the destination reported it needs after the last byte (ms)."""
+    return costs.get("device-load-ms", 0.0) + costs.get("post-load-ms", 0.0)
+
+
 def downtime_estimate(bandwidth_bytes_per_ms: float, downtime_limit_ms: int,
                       avail_switchover_bandwidth_bytes_per_s: int = 0,
                       costs: dict[str, float] | None = None,
@@ -153,7 +158,7 @@ def downtime_estimate(bandwidth_bytes_per_ms: float, downtime_limit_ms: int,
                                 threshold_size(bandwidth_bytes_per_ms, downtime_limit_ms))
     load = costs.get("ram-load-bytes-per-s")
     load_ms = load / 1000 if load else None
-    device_ms = costs.get("device-load-ms", 0.0) + costs.get("post-load-ms", 0.0)
+    device_ms = destination_fixed_ms(costs)
     est = DowntimeEstimate("destination", bandwidth_bytes_per_ms, load_ms, device_ms,
                            return_path_ms, downtime_limit_ms, 0)
     budget = downtime_limit_ms - est.fixed_ms

@@ -114,8 +114,6 @@ def _visit_object(qtype: Object | Union, value: Any, path: _Path, leaf: str | No
         raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "object")
     path.parts.append("." + leaf if leaf is not None else "")
     try:
-        if isinstance(qtype, Union):
-            return _visit_union(qtype, value, path)
         return _visit_members(qtype, value, path)
     finally:
         path.parts.pop()
@@ -165,18 +163,16 @@ def _visit_builtin(kind: str, value: Any, path: _Path, leaf: str | None) -> Any:
     raise AssertionError(kind)  # pragma: no cover - schema.check_type refuses others
 
 
-def _visit_members(obj: Object, value: Mapping[str, Any], path: _Path) -> dict[str, Any]:
+def _visit_members(obj: Object | Union, value: Mapping[str, Any],
+                   path: _Path) -> dict[str, Any]:
+    """All members of a struct (or of a flat union's base and variant), then
+    the first key none of them names."""
     out: dict[str, Any] = {}
     known: set[str] = set()
-    _visit_some_members(obj, value, path, out, known)
-    _check_unexpected(value, known, path)
-    return out
-
-
-def _visit_union(union: Union, value: Mapping[str, Any], path: _Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    known: set[str] = set()
-    _visit_union_members(union, value, path, out, known)
+    if isinstance(obj, Union):
+        _visit_union_members(obj, value, path, out, known)
+    else:
+        _visit_some_members(obj, value, path, out, known)
     _check_unexpected(value, known, path)
     return out
 
