@@ -106,14 +106,14 @@ def test_auto_converge_completes_a_full_speed_walk_under_a_bandwidth_cap(vms):
 SLOW_DEVICE = "accel,id=acc0,size=4M,init-size=512K,prepare-ms=400"
 
 
-async def _paced_pair(vms, caps: dict[str, bool]):
-    src = await vms.start("src", ram="64M", walk_end="8M", walk_rate=2000,
-                          devices=[SLOW_DEVICE])
-    dst = await vms.start("dst", ram="64M", walk_end="8M", walk_rate=2000,
-                          devices=[SLOW_DEVICE], incoming="defer")
+async def _paced_pair(vms, caps: dict[str, bool], device: str = SLOW_DEVICE,
+                      limit: int = 300):
+    src = await vms.start("src", ram="64M", walk_end="8M", walk_rate=2000, devices=[device])
+    dst = await vms.start("dst", ram="64M", walk_end="8M", walk_rate=2000, devices=[device],
+                          incoming="defer")
     for vm in (src, dst):
         await vm.set_caps(events=True, **caps)
-    await src.set_params(max_bandwidth=0, downtime_limit=300)
+    await src.set_params(max_bandwidth=0, downtime_limit=limit)
     return src, dst, await start_incoming(dst)
 
 
@@ -158,6 +158,36 @@ def test_the_estimate_counts_what_the_destination_reports(vms):
         assert seen["basis"] == "destination" and seen["device-load-ms"] == 0
         assert seen["total-ms"] >= seen["ram-ms"]
         assert (await wait_completed(src, timeout=30))["status"] == "completed"
+        # Prepared before the switchover: the device's measured part is small.
+        costs = (await wait_completed(dst, timeout=30))["x-load-costs"]
+        assert costs["devices"]["acc0/accel"]["final-load-ms"] < 400, costs
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(60)
+def test_the_destination_measures_what_the_switchover_cost_it(vms):
+    """Without switchover-ack a 200 ms preparation lands after the last byte:
+    the source predicted it (declared at setup), the destination measured it
+    (x-load-costs, device by device) and told the source, whose completed
+    query-migrate shows prediction and measurement side by side."""
+    device = "accel,id=acc0,size=4M,init-size=512K,prepare-ms=200"
+    async def body():
+        src, dst, uri = await _paced_pair(vms, {"return-path": True}, device, limit=1000)
+        await src.cmd("migrate", uri=uri)
+        info = await wait_completed(src, timeout=30)
+        assert info["status"] == "completed", info
+        est = info["x-downtime-estimate"]
+        assert est["basis"] == "destination" and est["device-load-ms"] == 200, est
+        measured = est["measured"]
+        assert measured["total-ms"] == info["downtime"]
+        assert measured["destination-device-load-ms"] >= 200, measured
+        # The source's downtime contains the destination's part, which contains the device's.
+        assert info["downtime"] >= measured["destination-device-load-ms"], (info, measured)
+        costs = (await wait_completed(dst, timeout=30))["x-load-costs"]
+        assert costs["declared-device-load-ms"] == 200
+        assert costs["devices"]["acc0/accel"]["final-load-ms"] >= 200, costs
+        assert int(round(costs["device-load-ms"])) == measured["destination-device-load-ms"]
+        assert costs["last-byte-to-running-ms"] >= 0 and costs["ram-load-bytes-per-s"] > 0
     run_with(vms, body)
 
 

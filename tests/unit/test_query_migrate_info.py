@@ -66,3 +66,24 @@ def test_switchover_ack_waiting_then_acked():
 def test_failed_in_setup_shows_only_the_cause():
     info = query_migrate_info(snap(S.FAILED, ram=None, error_desc="Connection refused"))
     assert info == {"status": "failed", "error-desc": "Connection refused"}
+
+
+def test_completed_shows_the_prediction_it_switched_on_beside_the_measurement():
+    from livemig.migration.switchover import downtime_estimate
+    times = SourceTimes(start=10.0, setup_done=10.05, end=11.5, downtime_start=11.2)
+    est = downtime_estimate(1000.0, 1000, 0, {"ram-load-bytes-per-s": 500_000.0,
+                                               "device-load-ms": 200.0}, 3.0)
+    stats = SourceStats(times=times, downtime_ms=300, estimate=est,
+                        pending_at_switchover=50_000)
+    costs = {"measured-device-load-ms": 204.6, "measured-post-load-ms": 1.2,
+             "measured-last-byte-to-running-ms": 2.0}
+    info = query_migrate_info(snap(S.COMPLETED, times=times, stats=stats, dest_costs=costs))
+    x = info["x-downtime-estimate"]
+    # 50 kB at the slower of link (1000 B/ms) and load (500 B/ms): 100 ms, + 203 fixed.
+    assert x["ram-ms"] == 100 and x["total-ms"] == 303 and x["device-load-ms"] == 200
+    assert x["measured"] == {"total-ms": 300, "destination-device-load-ms": 205,
+                             "destination-post-load-ms": 1,
+                             "destination-last-byte-to-running-ms": 2}
+    # A QEMU destination measures nothing for us: the downtime alone.
+    info = query_migrate_info(snap(S.COMPLETED, times=times, stats=stats))
+    assert info["x-downtime-estimate"]["measured"] == {"total-ms": 300}

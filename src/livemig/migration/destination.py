@@ -83,6 +83,7 @@ class IncomingState(AnnouncesStatus):
         self._read_bytes = 0
         self._costs_sent_at = 0.0
         self.device_cost_ms = 0.0
+        self.final_costs: dict[str, float] = {}     # at completion, measured-* included
 
     # -- QMP entry points -----------------------------------------------------------------
     def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:
@@ -118,7 +119,26 @@ class IncomingState(AnnouncesStatus):
         if self.load_times:
             info["x-load-checkpoints"] = {k: round(v * 1000, 3)
                                           for k, v in self.load_times.items()}
+        if status is not S.SETUP:
+            info["x-load-costs"] = self._load_costs_info()
         return info
+
+    def _load_costs_info(self) -> dict[str, Any]:
+        """``x-load-costs``: what this side reports (or would report) to a
+        livemig source, and once loaded what it measured, device by device."""
+        costs = self.final_costs or self.load_costs(self.clock())
+        out: dict[str, Any] = {"declared-device-load-ms": self.device_cost_ms}
+        rate = costs.get("ram-load-bytes-per-s")
+        if rate is not None:
+            out["ram-load-bytes-per-s"] = int(rate)
+        if self.final_costs:
+            out.update({k.removeprefix("measured-"): v for k, v in costs.items()
+                        if k.startswith("measured-")})
+            out["devices"] = {
+                k: {"final-load-ms": round(self.savevm.final_load_s.get(k, 0.0) * 1000, 3),
+                    "load-complete-ms": round(v * 1000, 3)}
+                for k, v in self.savevm.load_complete_s.items() if k != "ram"}
+        return out
 
     # -- LoadContext (device callbacks, any thread) ------------------------------------
     def switchover_ack_enabled(self) -> bool:
@@ -239,6 +259,22 @@ class IncomingState(AnnouncesStatus):
             costs["ram-load-bytes-per-s"] = self._read_bytes / busy
         return costs
 
+    def measured_costs(self) -> dict[str, float]:
+        """What the switchover really cost here (ms), beside what was declared:
+        the devices' own work on their final state (``device-load-ms`` measured),
+        their load_complete plus starting the guest (``post-load-ms``), and the
+        last byte (EOF) to the guest running."""
+        lt = self.load_times
+        started = lt.get("dst-vm-started", 0.0)
+        loaded = lt.get("dst-loaded", started)
+        return {
+            "measured-device-load-ms": round(sum(self.savevm.final_load_s.values()) * 1000, 3),
+            "measured-post-load-ms": round(
+                (sum(self.savevm.load_complete_s.values()) + started - loaded) * 1000, 3),
+            "measured-last-byte-to-running-ms": round(
+                (started - lt.get("dst-eof", started)) * 1000, 3),
+        }
+
     def _send_costs(self, now: float) -> None:
         self._costs_sent_at = now
         if self.rp is not None:
@@ -288,7 +324,7 @@ class IncomingState(AnnouncesStatus):
             dec.receive_data(self._preread)    # the magic multifd classification read
         savevm.qemu_loadvm_state(self.savevm, self, dec,
                                  machine_type=self.machine.machine_type,
-                                 uuid=self.machine.uuid_bytes)
+                                 uuid=self.machine.uuid_bytes, clock=self.clock)
         self._complete()
 
     def _complete(self) -> None:
@@ -313,8 +349,11 @@ class IncomingState(AnnouncesStatus):
                                 "incoming migration")
             self.machine.set_runstate(RunState(received))
         self.mark("dst-vm-started")
+        self.final_costs = {**self.load_costs(self.clock()), **self.measured_costs()}
         self._set(S.ACTIVE, S.COMPLETED)
         if self.rp is not None:
+            if self.peer_livemig:             # what it really cost, for the source to show
+                self.rp.send_load_costs(self.final_costs)
             self.rp.send_shut(0)
             self.rp.close()
         if self.channel is not None:

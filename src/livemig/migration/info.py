@@ -52,6 +52,7 @@ class SourceStats:
     convergence: Convergence = Convergence()
     throttle: ThrottleState = ThrottleState()
     estimate: DowntimeEstimate | None = None   # the last window's switchover prediction
+    pending_at_switchover: int | None = None   # what the prediction was made for
 
     def add_window(self, window: dict[str, Any]) -> None:
         self.windows.append(window)
@@ -88,6 +89,7 @@ class SourceSnapshot:
     acked: bool
     error_desc: str | None
     cpu_throttle_percentage: int | None = None   # with auto-converge on
+    dest_costs: dict[str, float] = field(default_factory=dict)   # the last X_LOAD_COSTS
 
 
 def snapshot_stats(stats: SourceStats) -> SourceStats:
@@ -97,6 +99,25 @@ def snapshot_stats(stats: SourceStats) -> SourceStats:
 
 
 _SHOWS_RAM = (S.ACTIVE, S.CANCELLING, S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED)
+
+
+def _estimate_info(s: SourceSnapshot, done: bool) -> dict[str, Any]:
+    """The prediction's parts; once completed, the one the switchover was
+    made on, beside what it measured: the downtime here and what the
+    destination measured of its own part (a livemig destination reports it)."""
+    est = s.stats.estimate
+    assert est is not None and s.ram is not None
+    if not done:
+        conv = s.stats.convergence
+        return est.parts(s.ram.remaining if conv.state == "first-pass" else conv.remaining)
+    out: dict[str, Any] = est.parts(s.stats.pending_at_switchover or 0)
+    measured: dict[str, Any] = {"total-ms": s.stats.downtime_ms}
+    for key in ("device-load-ms", "post-load-ms", "last-byte-to-running-ms"):
+        value = s.dest_costs.get(f"measured-{key}")
+        if value is not None:
+            measured[f"destination-{key}"] = int(round(value))
+    out["measured"] = measured
+    return out
 
 
 def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
@@ -146,10 +167,8 @@ def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
             info["x-switchover-ack"] = ack
         if s.stats.windows:
             info["x-windows"] = s.stats.windows[-WINDOWS_SHOWN:]
-        if s.stats.estimate is not None and not done:
-            info["x-downtime-estimate"] = s.stats.estimate.parts(
-                s.ram.remaining if s.stats.convergence.state == "first-pass"
-                else s.stats.convergence.remaining)
+        if s.stats.estimate is not None:
+            info["x-downtime-estimate"] = _estimate_info(s, done)
         conv = s.stats.convergence
         if conv.state != "first-pass" and not done:
             x: dict[str, Any] = {"state": conv.state, "since-ms": ms(conv.since - t.start),

@@ -18,6 +18,7 @@ commands to ``loadvm_process_command``; what only the incoming side can do
 from __future__ import annotations
 
 import json
+import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,12 @@ class SaveVMState:
         # What the header's configuration section carried (machine type, uuid),
         # for the VM description; None before qemu_savevm_state_header.
         self.configuration: tuple[str, bytes | None] | None = None
+        # Destination: what each handler's own work cost once its final state
+        # came (END/FULL sections: load and post-load, waits for data excluded),
+        # and its load_complete; seconds by idstr. The downtime the destination
+        # adds, measured, beside what the handlers declared (load_cost_ms).
+        self.final_load_s: dict[str, float] = {}
+        self.load_complete_s: dict[str, float] = {}
 
     def register_savevm_live(self, handler: SaveVMHandlers) -> int:
         """Add a handler; its section id is its position (QEMU's
@@ -298,10 +305,32 @@ def _section_done(h: SaveVMHandlers, section_type: str) -> None:
         raise LoadError(f"error while loading state for device '{h.idstr}': {exc}") from exc
 
 
+_FINAL = ("end", "full")
+
+
+@contextmanager
+def _timed(into: dict[str, float], h: SaveVMHandlers, section_type: str,
+           clock: Callable[[], float]) -> Iterator[None]:
+    """Add the block's time to ``into[h.idstr]`` when it is a device's work on
+    its final state (RAM's final part is its load rate, measured elsewhere)."""
+    if section_type not in _FINAL or h.idstr == "ram":
+        yield
+        return
+    t0 = clock()
+    try:
+        yield
+    finally:
+        into[h.idstr] = into.get(h.idstr, 0.0) + (clock() - t0)
+
+
 def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, *,
-                           machine_type: str, uuid: bytes | None) -> None:
+                           machine_type: str, uuid: bytes | None,
+                           clock: Callable[[], float] = time.monotonic) -> None:
     """Decode until the VM description: sections to their handlers, commands
-    to :func:`loadvm_process_command`. Returns once all state is in."""
+    to :func:`loadvm_process_command`. Returns once all state is in. The
+    handlers' work on their final sections is timed into ``state.final_load_s``
+    (RAM's is its load rate, measured by the host's reads)."""
+    final = state.final_load_s
     by_id: dict[int, SaveVMHandlers] = {}
     current: SaveVMHandlers | None = None
     current_type = ""
@@ -334,7 +363,8 @@ def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDeco
                 host.mark("dst-first-end-section")
         elif isinstance(ev, SectionFooter):
             assert current is not None      # the decoder checks footers against sections
-            _section_done(current, current_type)
+            with _timed(final, current, current_type, clock):
+                _section_done(current, current_type)
             current = None
         elif isinstance(ev, Command):
             loadvm_process_command(host, ev)
@@ -352,20 +382,30 @@ def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDeco
         else:
             if current is None:
                 raise LoadError(f"payload outside a section: {type(ev).__name__}")
-            current.load_event(ev)
+            if current_type in _FINAL and current.idstr != "ram":
+                with _timed(final, current, current_type, clock):
+                    current.load_event(ev)
+            else:
+                current.load_event(ev)    # RAM and precopy parts: the hot path, untimed
 
 
 def qemu_loadvm_state(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, *,
-                      machine_type: str, uuid: bytes | None) -> None:
+                      machine_type: str, uuid: bytes | None,
+                      clock: Callable[[], float] = time.monotonic) -> None:
     """Load a whole stream: the main loop, then every handler's load_complete
-    (a device may still refuse: the guest must not run then)."""
-    qemu_loadvm_state_main(state, host, dec, machine_type=machine_type, uuid=uuid)
+    (a device may still refuse: the guest must not run then), each timed into
+    ``state.load_complete_s``."""
+    qemu_loadvm_state_main(state, host, dec, machine_type=machine_type, uuid=uuid,
+                           clock=clock)
     for h in state.handlers:
+        t0 = clock()
         try:
             h.load_complete()
         except ValueError as exc:
             raise LoadError(f"error while loading state for device '{h.idstr}': "
                             f"{exc}") from exc
+        finally:
+            state.load_complete_s[h.idstr] = clock() - t0
 
 
 def qemu_loadvm_state_cleanup(state: SaveVMState) -> None:

@@ -434,6 +434,13 @@ class MigrationState(AnnouncesStatus):
         self.machine.throttle.set(0)        # cpu_throttle_stop: the guest stops anyway
         self.times.downtime_start = self.clock()
         self._mark("src-downtime-start")
+        if self.ram is not None:
+            if self.stats.estimate is None:
+                # Switched over inside the first window: that window is the basis.
+                begun = self.times.setup_done or self.times.start
+                self._close_window(self.transferred() - self._window_bytes0,
+                                   (self.times.downtime_start - begun) * 1000)
+            self.stats.pending_at_switchover = self.ram.remaining_bytes()
         old_runstate = self.machine.runstate
         self.vm_was_running = self.machine.vm_stop(RunState.FINISH_MIGRATE)
         self.global_state.runstate = "running" if self.vm_was_running else old_runstate.value
@@ -541,11 +548,12 @@ class MigrationState(AnnouncesStatus):
             acked = self.switchover_acked
             stats = snapshot_stats(self.stats)
             error = self.error_desc
+            dest_costs = dict(self.dest_costs or {})
         return SourceSnapshot(
             status=status, now=self.clock(), times=stats.times, stats=stats, ram=figures,
             ram_total=self.machine.ram.size, transferred=self.transferred(),
             switchover_ack=self.caps.switchover_ack, ack_users=self.switchover_ack_user_num,
-            acked=acked, error_desc=error,
+            acked=acked, error_desc=error, dest_costs=dest_costs,
             cpu_throttle_percentage=(self.machine.throttle.percentage
                                      if self.caps.auto_converge else None))
 

@@ -224,7 +224,8 @@ MIGRATION_INFO: Final = struct("MigrationInfo", {
     "*cpu-throttle-percentage": "int",
     "*x-switchover-ack": X_SWITCHOVER_ACK_INFO, "*x-windows": Array("any"),
     "*x-downtime-estimate": "any", "*x-convergence": "any",
-    "*x-downtime-checkpoints": "any", "*x-load-checkpoints": "any"})
+    "*x-downtime-checkpoints": "any", "*x-load-checkpoints": "any",
+    "*x-load-costs": "any"})
 X_ACCEL_DIGEST_INFO: Final = struct("XAccelDigestInfo", {"sha256": "str"})
 
 # SchemaInfo (qapi/introspect.json): query-qmp-schema's own return type.
