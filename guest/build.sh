@@ -1,21 +1,26 @@
 #!/bin/sh
-# Build livemig's walk guest boot sector from guest/walk.S.
+# Build livemig's walk guest: the boot sector from guest/walk.S and the
+# firmware image from guest/walk-bios.S (which includes the boot sector).
 #
-# Usage: guest/build.sh [OUTPUT]
-#   OUTPUT defaults to src/livemig/machine/walk-bootsector.bin (the checked-in
-#   image that livemig.machine.kvm loads). Needs GNU binutils only (as, ld,
-#   objcopy, nm); no nasm, no C compiler.
+# Usage: guest/build.sh [OUTPUT [BIOS_OUTPUT]]
+#   OUTPUT defaults to src/livemig/machine/walk-bootsector.bin and BIOS_OUTPUT
+#   to src/livemig/machine/walk-bios.bin (the checked-in images that
+#   livemig.machine.kvm loads). Needs GNU binutils only (as, ld, objcopy, nm);
+#   no nasm, no C compiler.
 #
 # Reproducible: the output is a flat binary of the .text section (no
 # timestamps, paths or build ids), so the same binutils give the same bytes.
 # The script checks what the loader relies on and fails otherwise:
 #   - exactly 512 bytes, ending in the boot signature 0x55 0xAA;
 #   - walk_start at byte offset 0x1f4, walk_end at 0x1f8, tick_pages at 0x1e8
-#     and pace at 0x1ec (the WALK_*_OFFSET constants in src/livemig/machine/kvm.py).
+#     and pace at 0x1ec (the WALK_*_OFFSET constants in src/livemig/machine/kvm.py);
+#   - the firmware: exactly 64 KiB, starting with the boot sector, its reset
+#     vector at 0xfff0.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/../src/livemig/machine/walk-bootsector.bin"}
+bios_out=${2:-"$here/../src/livemig/machine/walk-bios.bin"}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 export LC_ALL=C
@@ -65,6 +70,30 @@ check_offset walk_end "$WALK_END_OFFSET"
 check_offset tick_pages "$WALK_TICK_OFFSET"
 check_offset pace "$WALK_PACE_OFFSET"
 
+# The firmware: the boot sector included at offset 0, linked at 0 (flat image).
+cp "$tmp/walk.bin" "$tmp/walk-bootsector.bin"
+as --32 -I "$tmp" -o "$tmp/bios.o" "$here/walk-bios.S"
+ld -m elf_i386 -N -e _start -Ttext=0 --build-id=none $quiet \
+    -o "$tmp/bios.elf" "$tmp/bios.o"
+objcopy -O binary -j .text "$tmp/bios.elf" "$tmp/bios.bin"
+size=$(wc -c < "$tmp/bios.bin" | tr -d ' ')
+if [ "$size" -ne 65536 ]; then
+    echo "build.sh: firmware is $size bytes, expected 65536" >&2
+    exit 1
+fi
+if ! cmp -s -n 512 "$tmp/walk.bin" "$tmp/bios.bin"; then
+    echo "build.sh: the firmware does not start with the boot sector" >&2
+    exit 1
+fi
+addr=$(nm "$tmp/bios.elf" | awk '$3 == "reset_vector" { print $1 }')
+if [ "$(( 0x$addr ))" -ne $(( 0xfff0 )) ]; then
+    echo "build.sh: reset_vector is at 0x$addr, expected 0xfff0" >&2
+    exit 1
+fi
+
 cp "$tmp/walk.bin" "$out"
 chmod 644 "$out"
 echo "built $out (512 bytes, sha256 $(sha256sum "$out" | cut -d' ' -f1))"
+cp "$tmp/bios.bin" "$bios_out"
+chmod 644 "$bios_out"
+echo "built $bios_out (65536 bytes, sha256 $(sha256sum "$bios_out" | cut -d' ' -f1))"

@@ -80,7 +80,9 @@ def test_bootsector_image_rejects_bad_ranges(start, end, why):
 @pytest.mark.timeout(60)
 def test_build_reproduces_the_checked_in_image(tmp_path):
     out = tmp_path / "walk.bin"
-    subprocess.run(["sh", str(BUILD_SH), str(out)], check=True, capture_output=True)
+    # Both outputs into tmp_path: the second (the firmware) defaults to the package.
+    subprocess.run(["sh", str(BUILD_SH), str(out), str(tmp_path / "walk-bios.bin")],
+                   check=True, capture_output=True)
     assert out.read_bytes() == WALK_BOOTSECTOR_PATH.read_bytes(), (
         "guest/walk.S and walk-bootsector.bin disagree: run guest/build.sh")
 

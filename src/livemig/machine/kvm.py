@@ -74,6 +74,13 @@ WALK_TICK_OFFSET = 0x1E8    # a '.' to COM1 after every N pages; 0 = off
 WALK_PACE_OFFSET = 0x1EC    # TSC cycles to busy-wait after each page; 0 = full speed
 U32_MAX = 0xFFFFFFFF
 WALK_TAG = b"LMWK"
+# The walk as firmware (guest/walk-bios.S): the boot sector at offset 0, a
+# loader that copies it to 0x7c00, the reset vector at 0xfff0; QEMU maps a
+# -bios image so that it ends at 4 GiB ("pc.bios"), in multiples of 64 KiB.
+WALK_BIOS_PATH = Path(__file__).with_name("walk-bios.bin")
+WALK_BIOS_SIZE = 64 * 1024
+WALK_BIOS_TAG_OFFSET = 0xFFF5   # b"LMWB", right after the reset vector's far jump
+WALK_BIOS_TAG = b"LMWB"
 WALK_END_MAX = 0xFFFFF000   # the walk is 32-bit code
 
 # -- the PC's I/O ports the vCPU thread answers ----------------------------------------
@@ -146,6 +153,19 @@ def bootsector_image(start: int, end: int, *, tick_pages: int = 0, pace: int = 0
     struct.pack_into("<I", image, WALK_TICK_OFFSET, tick_pages)
     struct.pack_into("<I", image, WALK_PACE_OFFSET, pace)
     return bytes(image)
+
+
+def walk_bios_image(start: int, end: int, *, tick_pages: int = 0, pace: int = 0) -> bytes:
+    """The walk firmware (64 KiB, for ``-bios``) with its boot sector patched as
+    :func:`bootsector_image` patches it: the patch words keep their offsets."""
+    bios = WALK_BIOS_PATH.read_bytes()
+    sector = bootsector_image(start, end, tick_pages=tick_pages, pace=pace)
+    if (len(bios) != WALK_BIOS_SIZE
+            or bios[WALK_BIOS_TAG_OFFSET:WALK_BIOS_TAG_OFFSET + 4] != WALK_BIOS_TAG
+            or bios[:BOOTSECTOR_SIZE] != WALK_BOOTSECTOR_PATH.read_bytes()):
+        raise ValueError(f"{WALK_BIOS_PATH} is not livemig's walk firmware for "
+                         f"{WALK_BOOTSECTOR_PATH.name} (rebuild both with guest/build.sh)")
+    return sector + bios[BOOTSECTOR_SIZE:]
 
 
 def read_boot_image(path: str) -> bytes:
