@@ -30,6 +30,7 @@ from livemig.qmp.chardev import ChardevError, ChardevSpec, open_socket, unlink_s
 from livemig.qmp.commands import register_vm_commands
 from livemig.qmp.registry import CommandRegistry
 from livemig.qmp.server import QMPServer
+from livemig.qom.object import ObjectRoot
 from livemig.transport import TransportError, parse_uri
 
 PROG = "livemig"
@@ -65,6 +66,15 @@ class VmProcess:
         except BaseException:
             self._close_sinks()
             raise
+        # -object, in command-line order (QEMU: after parsing, before the machine).
+        self.objects = ObjectRoot()
+        try:
+            for options in opts.objects:
+                self.objects.add(options)
+        except QapiError as exc:
+            self.objects.close()
+            self._close_sinks()
+            raise OptionError(exc.desc) from None
         self.registry = CommandRegistry()
         self.server = QMPServer(self.registry, version=QEMU_VERSION,
                                 package=f"livemig {__version__}")
@@ -190,6 +200,7 @@ class VmProcess:
             await self.server.close()
         self.machine.close()        # closes the serial port's socket
         self._close_sinks()
+        self.objects.close()
         return self.exit_status
 
 

@@ -11,12 +11,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from livemig import QEMU_VERSION, __version__
 from livemig.machine.accel_device import AccelDeviceConfig
 from livemig.machine.guest import MIB, GuestConfig
-from livemig.qapi.errors import INVALID_ENUM_VALUE, INVALID_PARAMETER, MISSING_PARAMETER, QapiError
-from livemig.qapi.opts import Opts, format_opt_value
+from livemig.qapi.errors import (
+    INVALID_ENUM_VALUE,
+    INVALID_PARAMETER,
+    INVALID_PARAMETER_TYPE,
+    INVALID_PARAMETER_VALUE,
+    JSON_PARSE_ERROR,
+    MISSING_PARAMETER,
+    QapiError,
+)
+from livemig.qapi.opts import Opts, format_opt_value, parse_opts
 from livemig.qapi.string_input import UINT64_MAX, parse_option_size
 from livemig.qmp.chardev import (
     ChardevError,
@@ -25,6 +34,8 @@ from livemig.qmp.chardev import (
     parse_compat,
     parse_qmp_spec,
 )
+from livemig.qmp.qjson import JSONMessageParser
+from livemig.qom.object import DUPLICATE_ID, id_wellformed, visit_object_options
 
 
 class OptionError(Exception):
@@ -54,6 +65,7 @@ class RunOptions:
     no_shutdown: bool = False
     add_fds: list[tuple[int, int, str | None]] = field(default_factory=list)  # -add-fd
     warnings: list[str] = field(default_factory=list)   # printed as "livemig: warning: ..."
+    objects: list[dict[str, Any]] = field(default_factory=list)   # -object, checked ObjectOptions
     _serials: list[str] = field(default_factory=list, repr=False, compare=False)
     _mon_refs: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
 
@@ -86,7 +98,8 @@ _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
             "drive": True, "uuid": True, "machine": True, "M": True, "display": True,
             "nodefaults": False, "nographic": False, "mem-prealloc": False,
             "chardev": True, "mon": True, "monitor": True, "vga": True, "cpu": True,
-            "smp": True, "no-shutdown": False, "add-fd": True, "version": False}
+            "smp": True, "no-shutdown": False, "add-fd": True, "version": False,
+            "object": True}
 
 
 def parse_run_args(argv: list[str]) -> RunOptions:
@@ -275,7 +288,39 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
             _add_chardev(opts, chardev)
     elif name == "mem-prealloc":
         opts.mem_prealloc = True
+    elif name == "object":
+        assert value is not None
+        options = parse_object_option(value)
+        if any(o["id"] == options["id"] for o in opts.objects):
+            raise QapiError(DUPLICATE_ID % options["id"])
+        opts.objects.append(options)
     # -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do.
+
+
+def parse_object_option(text: str) -> dict[str, Any]:
+    """One ``-object`` argument as checked ObjectOptions (QEMU's ``user_creatable_parse_str``):
+    JSON when it starts with ``{``, else keyval with ``qom-type`` implied."""
+    import livemig.cli.object_types  # noqa: F401  (registers every object type)
+    if text.startswith("{"):
+        parser = JSONMessageParser()
+        messages = parser.feed(text.encode("utf-8"))
+        if not messages:
+            raise QapiError(JSON_PARSE_ERROR % "premature EOI")
+        value, error = messages[0]
+        if error is not None:
+            raise QapiError(error)
+        if len(messages) > 1 or parser.pending():
+            raise QapiError("Expecting at most one JSON value")
+        if not isinstance(value, dict):
+            raise QapiError(INVALID_PARAMETER_TYPE % ("<anonymous>", "object"))
+        options = visit_object_options(value)
+    else:
+        options = visit_object_options(dict(parse_opts(text, "qom-type")), keyval=True)
+    if not id_wellformed(options["id"]):   # vl.c checks it here, with a hint
+        raise QapiError(INVALID_PARAMETER_VALUE % ("id", "an identifier") + "\n"
+                        "Identifiers consist of letters, digits, '-', '.', '_', "
+                        "starting with a letter.")
+    return options
 
 
 def serial_failure(value: str, first: str = "") -> str:

@@ -7,6 +7,11 @@ left-over key; type errors name the full path (``capabilities[0].state``),
 range and enum errors the bare member name (``null`` for a list element).
 Command arguments, ``migrate-set-parameters`` and
 ``migrate-set-capabilities`` are all visited here.
+
+``keyval=True`` is QEMU's keyval input visitor (``-object type,k=v``):
+every scalar arrives as a string and is converted as the schema says
+(``'on' or 'off'``, ``a uint64 value``, ``a size value``), and a left-over
+key is an ``Invalid parameter``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from livemig.qapi.errors import (
+    BOOL_EXPECTED,
     INVALID_ENUM_VALUE,
+    INVALID_PARAMETER,
     INVALID_PARAMETER_TYPE,
     INVALID_PARAMETER_VALUE,
     MISSING_PARAMETER,
@@ -32,6 +39,7 @@ from livemig.qapi.schema import (
     QapiType,
     Union,
 )
+from livemig.qapi.string_input import BOOL_WORDS, UINT_RE, qemu_strtosz
 
 INT64_MIN: Final = -(1 << 63)
 INT64_MAX: Final = (1 << 63) - 1
@@ -44,10 +52,11 @@ _JSON_KIND: Final = {"str": str, "bool": bool, "null": type(None)}
 class _Path:
     """Where the visitor is, to spell names like QEMU's ``full_name()``."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "keyval")
 
-    def __init__(self) -> None:
+    def __init__(self, keyval: bool = False) -> None:
         self.parts: list[str] = []
+        self.keyval = keyval
 
     def name(self, leaf: str | None = None) -> str:
         text = "".join(self.parts)
@@ -65,12 +74,14 @@ def visit(qtype: QapiType, value: Any, name: str | None = None) -> Any:
     return _visit(qtype, value, _Path(), name)
 
 
-def visit_members(obj: Object, value: Mapping[str, Any]) -> dict[str, Any]:
+def visit_members(obj: Object | Union, value: Mapping[str, Any], *,
+                  keyval: bool = False) -> dict[str, Any]:
     """Check a command's ``arguments`` (or any top-level object) against ``obj``.
 
     Returns the converted members; absent optional members stay absent.
+    ``keyval``: the values are a keyval option's strings (see the module's text).
     """
-    return _visit_members(obj, value, _Path())
+    return _visit_members(obj, value, _Path(keyval))
 
 
 def _visit(qtype: QapiType, value: Any, path: _Path, leaf: str | None) -> Any:
@@ -119,10 +130,41 @@ def _visit_object(qtype: Object | Union, value: Any, path: _Path, leaf: str | No
         path.parts.pop()
 
 
+def _keyval_scalar(kind: str, value: str, path: _Path, leaf: str | None) -> Any:
+    """A keyval string as the scalar ``kind`` (qobject-input-visitor's ``*_keyval``)."""
+    name = path.name(leaf)
+    if kind == "bool":
+        state = BOOL_WORDS.get(value)
+        if state is None:
+            raise _fail(INVALID_PARAMETER_VALUE, name, BOOL_EXPECTED)
+        return state
+    if kind == "number":
+        try:
+            return float(value)
+        except ValueError:
+            raise _fail(INVALID_PARAMETER_VALUE, name, "a number") from None
+    if kind == "size":
+        try:
+            return qemu_strtosz(value)
+        except QapiError:
+            raise _fail(INVALID_PARAMETER_VALUE, name, "a size value") from None
+    unsigned = kind == "uint64" or kind in UNSIGNED_RANGES
+    m = UINT_RE.fullmatch(value)
+    if m is None or (unsigned and m.group(1) == "-"):
+        raise _fail(INVALID_PARAMETER_VALUE, name,
+                    "a uint64 value" if unsigned else "an int64 value")
+    digits = m.group(2)
+    base = 16 if digits[:2].lower() == "0x" else 8 if len(digits) > 1 and digits[0] == "0" else 10
+    number = int(digits, base)
+    return -number if m.group(1) == "-" else number
+
+
 def _visit_builtin(kind: str, value: Any, path: _Path, leaf: str | None) -> Any:
     bare = leaf if leaf is not None else "null"
     if kind == "any":
         return value
+    if path.keyval and isinstance(value, str) and kind not in ("str", "null"):
+        value = _keyval_scalar(kind, value, path, leaf)
     if kind == "str":
         if not isinstance(value, str):
             raise _fail(INVALID_PARAMETER_TYPE, path.name(leaf), "string")
@@ -202,4 +244,5 @@ def _visit_some_members(obj: Object, value: Mapping[str, Any], path: _Path,
 def _check_unexpected(value: Mapping[str, Any], known: set[str], path: _Path) -> None:
     for key in value:
         if key not in known:
-            raise _fail(UNEXPECTED_PARAMETER, path.name(key))
+            raise _fail(INVALID_PARAMETER if path.keyval else UNEXPECTED_PARAMETER,
+                        path.name(key))

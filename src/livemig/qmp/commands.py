@@ -30,6 +30,7 @@ from livemig.qmp import introspect
 from livemig.qmp.errors import QMPError
 from livemig.qmp.fds import FdSets
 from livemig.qmp.registry import ArgSpec, CommandRegistry
+from livemig.qom.object import object_options_type
 from livemig.transport import (
     Address,
     FdAddress,
@@ -340,6 +341,19 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     @reg.register("query-fdsets", returns=Array(schema.FDSET_INFO))
     def query_fdsets(args: dict) -> list[dict[str, Any]]:
         return fdsets.query()
+
+    # -- QOM's user-creatable objects (qom/qom-qmp-cmds.c) ---------------------------------
+    import livemig.cli.object_types  # noqa: F401  (registers every object type)
+
+    @reg.register("object-add", boxed=object_options_type, allow_preconfig=True,
+                  blocking=True)
+    def object_add(args: dict) -> None:
+        # blocking: completing an object may read files (certificates, keys, lists).
+        vm.objects.add(args)
+
+    @reg.register("object-del", args={"id": "str"}, allow_preconfig=True)
+    def object_del(args: dict) -> None:
+        vm.objects.delete(args["id"])
 
     # -- introspection: generated from this registry, the server's protocol commands
     # and the events; registered last, so it lists itself in dispatch order.

@@ -57,6 +57,11 @@ def _fold(qtype: QapiType) -> QapiType:
     return qtype
 
 
+def _arg_type(qtype: Object | Union) -> QapiType:
+    """A command's arguments as introspected: no members is QEMU's empty object."""
+    return qtype if isinstance(qtype, Union) or qtype.members else EMPTY
+
+
 class _Introspector:
     def __init__(self) -> None:
         self._names: dict[object, str] = {}
@@ -95,7 +100,7 @@ class _Introspector:
         for cmd in commands:
             entry: dict[str, Any] = {
                 "name": cmd.name, "meta-type": "command",
-                "arg-type": self.use(cmd.arg_type if cmd.arg_type.members else EMPTY),
+                "arg-type": self.use(_arg_type(cmd.arg_type)),
                 "ret-type": self.use(cmd.ret_type if cmd.ret_type is not None else EMPTY)}
             if cmd.allow_oob:
                 entry["allow-oob"] = True

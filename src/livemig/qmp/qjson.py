@@ -585,6 +585,11 @@ class JSONMessageParser:
 
     # -- streamer (qobject/json-streamer.c json_message_process_token) --
 
+    def pending(self) -> bool:
+        """Whether fed bytes begin a value not yet complete (for ``qobject_from_json``'s
+        "Expecting at most one JSON value" after a first value)."""
+        return bool(self._tokens or self._token)
+
     def _token_overflow(self) -> None:
         """A single token outgrew the limit: report once, drop the rest."""
         self._token.clear()

@@ -170,11 +170,16 @@ class Command:
     ret_type: QapiType | None = None
     allow_oob: bool = False
     features: tuple[str, ...] = ()
-    # The arguments as schema data (walked by the visitor, later by query-qmp-schema).
-    arg_type: Object = field(init=False, repr=False, compare=False)
+    # QAPI's 'boxed': the arguments are this union (object-add's ObjectOptions);
+    # a callable is called for the union each time, so types added later count.
+    boxed: Callable[[], schema.Union] | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "arg_type", arguments_type(self.args))
+    @property
+    def arg_type(self) -> Object | schema.Union:
+        """The arguments as schema data (walked by the visitor and by query-qmp-schema)."""
+        if self.boxed is not None:
+            return self.boxed()
+        return arguments_type(self.args)
 
     def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Check ``arguments`` against the schema; raise :class:`QMPError` with
@@ -209,6 +214,7 @@ class CommandRegistry:
         returns: QapiType | None = None,
         allow_oob: bool = False,
         features: tuple[str, ...] = (),
+        boxed: Callable[[], schema.Union] | None = None,
     ) -> Any:
         """Register ``handler`` for command ``name``.
 
@@ -219,6 +225,8 @@ class CommandRegistry:
         default executor instead of on the event loop. ``returns``: the
         type of the return value (None: ``{}``). ``allow_oob``, ``features``:
         what ``query-qmp-schema`` says of the command (QEMU's flags).
+        ``boxed``: instead of ``args``, a function giving the flat union the
+        arguments are (QAPI's ``'boxed': true``).
 
         Without ``handler`` this returns a decorator.
         """
@@ -226,7 +234,7 @@ class CommandRegistry:
             def decorator(func: Handler) -> Handler:
                 self.register(name, func, args=args, allow_preconfig=allow_preconfig,
                               blocking=blocking, returns=returns, allow_oob=allow_oob,
-                              features=features)
+                              features=features, boxed=boxed)
                 return func
             return decorator
         if not name or not isinstance(name, str):
@@ -243,7 +251,8 @@ class CommandRegistry:
             schema.check_type(returns)
         command = Command(name, handler, normalize_args(args or {}),
                           allow_preconfig=allow_preconfig, blocking=blocking,
-                          ret_type=returns, allow_oob=allow_oob, features=tuple(features))
+                          ret_type=returns, allow_oob=allow_oob, features=tuple(features),
+                          boxed=boxed)
         self._commands[name] = command
         return handler
 

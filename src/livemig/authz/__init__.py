@@ -1,0 +1,1 @@
+"""QEMU's authorization objects (``authz/``): who may talk to a TLS listener."""

@@ -1,0 +1,10 @@
+"""Every user-creatable object type livemig has: importing this registers them all.
+
+Each type registers itself (``@register_object_type``) where it is defined;
+this module only makes sure those modules are loaded before ``-object`` or
+``object-add`` builds the ``ObjectOptions`` union.
+"""
+
+from livemig.authz import authz as _authz
+
+TYPE_MODULES = (_authz,)
