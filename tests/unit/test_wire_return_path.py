@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,6 @@ from livemig.wire import (
     Pong,
     ReturnPathDecoder,
     ReturnPathError,
-    RpMessage,
     Shut,
     SwitchoverAck,
     XError,
@@ -23,8 +23,25 @@ from livemig.wire import (
     encode_switchover_ack,
     encode_x_error,
 )
+from livemig.wire.return_path import (
+    RecvBitmap,
+    ReqPages,
+    ResumeAck,
+    encode_recv_bitmap_message,
+    encode_req_pages,
+    encode_resume_ack,
+)
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def _bitmap_bytes(bits: list[bool]) -> bytes:
+    """Little-endian 64-bit words: bit i of the map is bit i%8 of byte i//8."""
+    out = bytearray(-(-len(bits) // 64) * 8)
+    for i, b in enumerate(bits):
+        if b:
+            out[i // 8] |= 1 << (i % 8)
+    return bytes(out)
 
 INTERNAL = "Malformed return path message"
 
@@ -56,10 +73,14 @@ messages = st.one_of(
     st.just((encode_switchover_ack(), SwitchoverAck())),
     st.text(max_size=100).map(lambda t: (encode_x_error(t), XError(t))),
     st.binary(min_size=12, max_size=12).map(
-        lambda p: (encode_rp_message(MigRpMsg.REQ_PAGES, p), RpMessage(MigRpMsg.REQ_PAGES, p))),
-    st.binary(max_size=512).map(
-        lambda p: (encode_rp_message(MigRpMsg.RECV_BITMAP, p),
-                   RpMessage(MigRpMsg.RECV_BITMAP, p))),
+        lambda p: (encode_rp_message(MigRpMsg.REQ_PAGES, p),
+                   ReqPages(int.from_bytes(p[:8], "big"), int.from_bytes(p[8:], "big")))),
+    st.tuples(st.integers(0, 2**64 - 1), u32, st.text("abcz.-_", max_size=255)).map(
+        lambda a: (encode_req_pages(a[0], a[1], a[2]), ReqPages(a[0], a[1], a[2]))),
+    u32.map(lambda v: (encode_resume_ack(v), ResumeAck(v))),
+    st.tuples(st.text("abc.", max_size=40), st.lists(st.booleans(), max_size=300)).map(
+        lambda a: (encode_recv_bitmap_message(a[0], np.array(a[1], dtype=bool)),
+                   RecvBitmap(a[0], _bitmap_bytes(a[1])))),
 )
 
 

@@ -12,6 +12,8 @@ layer feeds these from its own threads. Modules:
 * ``ram``: RAM record encoders (vectorised) and the page-run scanner.
 * ``payloads``: ``PayloadKind`` and the TAGGED / BLOB framings.
 * ``return_path``: return-path encoders, events and ``ReturnPathDecoder``.
+* ``postcopy``: postcopy's stream commands (ADVISE, RAM_DISCARD, PACKAGED,
+  LISTEN, RUN, RESUME, RECV_BITMAP) in QEMU's layouts.
 * ``global_state``: QEMU's ``globalstate`` VMState record.
 * ``buffer``: the receive buffer both decoders share.
 """

@@ -116,6 +116,13 @@ MIG_CMD_ARGS: Final[dict[MigCmd, CmdArgs]] = {
     MigCmd.MAX: CmdArgs(None, "MAX"),
 }
 
+# PACKAGED carries at most this many bytes of stream (MAX_VM_CMD_PACKAGED_SIZE).
+MAX_VM_CMD_PACKAGED_SIZE: Final = 1 << 24
+# A RECV_BITMAP's bitmap ends with this be64 (RAMBLOCK_RECV_BITMAP_ENDING, ram.c).
+RAMBLOCK_RECV_BITMAP_ENDING: Final = 0x0123456789ABCDEF
+# RESUME_ACK's value (MIGRATION_RESUME_ACK_VALUE, migration.h).
+MIGRATION_RESUME_ACK_VALUE: Final = 1
+
 # --- RAM section ("ram", instance 0, version 4; migration/ram.[ch]) ----------------
 
 TARGET_PAGE_BITS: Final = 12

@@ -4,6 +4,13 @@ Wire: be16 type, be16 payload length, payload (``migrate_send_rp_message``).
 The decoder validates exactly as QEMU 10.0's ``source_return_path_thread``
 does (types 1..7, fixed lengths from ``rp_cmd_args[]``, payload <= 512 bytes)
 with its error texts, plus livemig's own ``MIG_RP_MSG_X_ERROR`` (0x4c01).
+
+Postcopy's messages: ``REQ_PAGES`` (be64 start, be32 length: a page range of
+the block last named), ``REQ_PAGES_ID`` (the same, then u8 length and the
+block's name), ``RESUME_ACK`` (be32 1) and ``RECV_BITMAP`` (u8 length, block
+name), which is followed, outside the message framing, by be64 size (bytes,
+a multiple of 8), the block's received bitmap as little-endian 64-bit words
+and be64 ``RAMBLOCK_RECV_BITMAP_ENDING`` (``ramblock_recv_bitmap_send``).
 """
 
 from __future__ import annotations
@@ -13,13 +20,28 @@ import struct
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import numpy as np
+
 from .buffer import ReceiveBuffer
-from .constants import BE32, RP_CMD_ARGS, RP_HEADER, RP_MAX_PAYLOAD, MigRpMsg
+from .constants import (
+    BE32,
+    BE64,
+    DEFAULT_MAX_PAYLOAD,
+    MIGRATION_RESUME_ACK_VALUE,
+    RAMBLOCK_RECV_BITMAP_ENDING,
+    RP_CMD_ARGS,
+    RP_HEADER,
+    RP_MAX_PAYLOAD,
+    MigRpMsg,
+)
 from .errors import ReturnPathError
 from .events import NEED_DATA, Closed, NeedDataT
 
 __all__ = [
     "Pong",
+    "RecvBitmap",
+    "ReqPages",
+    "ResumeAck",
     "ReturnPathDecoder",
     "RpEvent",
     "RpMessage",
@@ -29,6 +51,9 @@ __all__ = [
     "XLoadCosts",
     "decode_x_load_costs",
     "encode_pong",
+    "encode_recv_bitmap_message",
+    "encode_req_pages",
+    "encode_resume_ack",
     "encode_rp_message",
     "encode_shut",
     "encode_switchover_ack",
@@ -79,15 +104,46 @@ class XLoadCosts:
 
 
 @dataclass(frozen=True, slots=True)
+class ReqPages:
+    """REQ_PAGES (``block`` None: the block of the last REQ_PAGES_ID) or
+    REQ_PAGES_ID: the destination faulted on [start, start+length) of ``block``."""
+
+    start: int
+    length: int
+    block: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeAck:
+    """RESUME_ACK: the destination is ready to go on after a postcopy recovery."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecvBitmap:
+    """RECV_BITMAP with the bitmap that followed it: one bit per target page of
+    ``block`` that the destination has (little-endian 64-bit words, as sent)."""
+
+    block: str
+    bitmap: bytes
+
+    def received(self, npages: int) -> np.ndarray:
+        """One bool per page (the first ``npages`` bits)."""
+        bits = np.unpackbits(np.frombuffer(self.bitmap, dtype=np.uint8), bitorder="little")
+        return bits[:npages].astype(bool)
+
+
+@dataclass(frozen=True, slots=True)
 class RpMessage:
-    """Any other valid message (postcopy: REQ_PAGES, REQ_PAGES_ID, RECV_BITMAP,
-    RESUME_ACK), undecoded."""
+    """Any other valid message, undecoded."""
 
     type: MigRpMsg
     payload: bytes
 
 
-RpEvent: TypeAlias = Shut | Pong | SwitchoverAck | XError | XLoadCosts | RpMessage | Closed
+RpEvent: TypeAlias = (Shut | Pong | SwitchoverAck | XError | XLoadCosts | ReqPages | ResumeAck
+                      | RecvBitmap | RpMessage | Closed)
 
 
 # --- encoders -------------------------------------------------------------------------
@@ -122,6 +178,35 @@ def encode_pong(value: int) -> bytes:
 def encode_switchover_ack() -> bytes:
     """SWITCHOVER_ACK (no payload)."""
     return encode_rp_message(MigRpMsg.SWITCHOVER_ACK)
+
+
+def encode_req_pages(start: int, length: int, block: str | None = None) -> bytes:
+    """REQ_PAGES, or REQ_PAGES_ID when ``block`` is named (the first request, or
+    the first after a request for another block)."""
+    head = BE64.pack(start) + BE32.pack(length)
+    if block is None:
+        return encode_rp_message(MigRpMsg.REQ_PAGES, head)
+    name = block.encode()
+    if len(name) > 255:
+        raise ValueError("RAM block name longer than 255 bytes")
+    return encode_rp_message(MigRpMsg.REQ_PAGES_ID, head + bytes((len(name),)) + name)
+
+
+def encode_resume_ack(value: int = MIGRATION_RESUME_ACK_VALUE) -> bytes:
+    return encode_rp_message(MigRpMsg.RESUME_ACK, BE32.pack(value))
+
+
+def encode_recv_bitmap_message(block: str, received: np.ndarray) -> bytes:
+    """RECV_BITMAP for ``block`` and its bitmap (``received``: one bool per
+    page), padded to whole 64-bit words, and the end mark."""
+    name = block.encode()
+    if len(name) > 255:
+        raise ValueError("RAM block name longer than 255 bytes")
+    bits = np.packbits(np.asarray(received, dtype=bool), bitorder="little").tobytes()
+    size = -(-len(bits) // 8) * 8
+    bitmap = bits.ljust(size, b"\0")
+    return (encode_rp_message(MigRpMsg.RECV_BITMAP, bytes((len(name),)) + name)
+            + BE64.pack(size) + bitmap + BE64.pack(RAMBLOCK_RECV_BITMAP_ENDING))
 
 
 def encode_x_load_costs(costs: dict[str, float]) -> bytes:
@@ -162,8 +247,11 @@ class ReturnPathDecoder:
     behaves exactly like a QEMU source, rejecting 0x4c01 and 0x4c02 as invalid.
     """
 
-    def __init__(self, *, accept_x_error: bool = True, buffer_size: int = 4096) -> None:
+    def __init__(self, *, accept_x_error: bool = True, buffer_size: int = 4096,
+                 max_bitmap: int = DEFAULT_MAX_PAYLOAD) -> None:
         self._accept_x_error = accept_x_error
+        self._max_bitmap = max_bitmap              # bytes: cap on a RECV_BITMAP's size
+        self._bitmap_block: str | None = None      # a RECV_BITMAP's bitmap comes next
         self._rb = ReceiveBuffer(buffer_size)
         self._error: ReturnPathError | None = None
 
@@ -200,6 +288,8 @@ class ReturnPathDecoder:
             raise err from exc
 
     def _read(self) -> RpEvent | NeedDataT:
+        if self._bitmap_block is not None:
+            return self._read_bitmap(self._bitmap_block)
         rb = self._rb
         p = rb.start
         if not rb.has(p, RP_HEADER.size):
@@ -240,6 +330,15 @@ class ReturnPathDecoder:
             return SwitchoverAck()
         if msg == MigRpMsg.X_ERROR:
             return XError(payload.decode("utf-8", "replace"))
+        if msg in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
+            return self._req_pages(msg, payload, ln, q)
+        if msg == MigRpMsg.RESUME_ACK:
+            return ResumeAck(BE32.unpack(payload)[0])
+        if msg == MigRpMsg.RECV_BITMAP:
+            if ln < 1:
+                raise ReturnPathError("MIG_RP_MSG_RECV_BITMAP missing block name", rb.offset(q))
+            self._bitmap_block = payload[1:1 + payload[0]].decode("utf-8", "replace")
+            return self._read_bitmap(self._bitmap_block)
         if msg == MigRpMsg.X_LOAD_COSTS:
             try:
                 return decode_x_load_costs(payload)
@@ -247,3 +346,41 @@ class ReturnPathDecoder:
                 raise ReturnPathError(f"Malformed X_LOAD_COSTS message: {exc}",
                                       rb.offset(q)) from None
         return RpMessage(msg, payload)
+
+    def _req_pages(self, msg: MigRpMsg, payload: bytes, ln: int, q: int) -> ReqPages:
+        start, = BE64.unpack_from(payload, 0)
+        length, = BE32.unpack_from(payload, 8)
+        if msg == MigRpMsg.REQ_PAGES:
+            return ReqPages(start, length)
+        expected = 12 + 1
+        if ln >= expected:
+            expected += payload[12]
+        if ln != expected:
+            raise ReturnPathError(f"Req_Page_id with length {ln} expecting {expected}",
+                                  self._rb.offset(q))
+        return ReqPages(start, length, payload[13:].decode("utf-8", "replace"))
+
+    def _read_bitmap(self, block: str) -> RecvBitmap | NeedDataT:
+        """be64 size, the bitmap, be64 end mark (ram_dirty_bitmap_reload's checks)."""
+        rb = self._rb
+        p = rb.start
+        if not rb.has(p, BE64.size):
+            if rb.eof:
+                raise ReturnPathError(f"ramblock '{block}' bitmap truncated", rb.offset(p))
+            return NEED_DATA
+        size = rb.unpack(BE64, p)[0]
+        if size % 8 or size > self._max_bitmap:
+            raise ReturnPathError(f"ramblock '{block}' bitmap size 0x{size:x} is invalid",
+                                  rb.offset(p))
+        if not rb.has(p, 2 * BE64.size + size):
+            if rb.eof:
+                raise ReturnPathError(f"ramblock '{block}' bitmap truncated", rb.offset(p))
+            return NEED_DATA
+        bitmap = rb.bytes(p + BE64.size, size)
+        end = rb.unpack(BE64, p + BE64.size + size)[0]
+        if end != RAMBLOCK_RECV_BITMAP_ENDING:
+            raise ReturnPathError(f"ram_dirty_bitmap_reload: ramblock '{block}' end mark "
+                                  f"incorrect: 0x{end:x}", rb.offset(p + BE64.size + size))
+        rb.start = p + 2 * BE64.size + size
+        self._bitmap_block = None
+        return RecvBitmap(block, bitmap)

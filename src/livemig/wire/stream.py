@@ -31,6 +31,7 @@ from .constants import (
     CONFIGURATION_VMSD_NAME,
     DEFAULT_MAX_PAYLOAD,
     FILE_HEADER,
+    MAX_VM_CMD_PACKAGED_SIZE,
     MIG_CMD_ARGS,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -317,6 +318,7 @@ class StreamDecoder:
         self._ram_blocks: dict[str, int] = {}  # idstr -> used_length (bytes)
         self._last_block: str | None = None
         self._ram_list: _RamListProgress | None = None
+        self._package_end: int | None = None   # stream offset where a PACKAGED ends
         # Transitions are data: each state has one reader.
         self._readers: dict[_State, Callable[[], _Result]] = {
             _State.HEADER: self._read_header,
@@ -488,8 +490,12 @@ class StreamDecoder:
         p = rb.start
         if not rb.has(p, 1):
             return NEED_DATA
+        if self._package_end is not None:
+            self._leave_package(p)
         t = rb.u8(p)
         if t == SectionType.EOF:
+            if self._package_end is not None:
+                raise self._err("CMD_PACKAGED: QEMU_VM_EOF inside the package", p)
             rb.start = p + 1
             self._state = _State.AFTER_EOF
             return Eof()
@@ -562,8 +568,35 @@ class StreamDecoder:
         if not rb.has(q, ln):
             return NEED_DATA
         payload = rb.bytes(q, ln)
+        if mig_cmd == MigCmd.PACKAGED:
+            self._enter_package(p, payload)
         rb.start = q + ln
         return Command(mig_cmd, payload)
+
+    def _enter_package(self, p: int, payload: bytes) -> None:
+        """PACKAGED's be32 length: the records that follow, up to that many bytes,
+        are the package (decoded in line; they must end exactly at its end)."""
+        (length,) = BE32.unpack(payload)
+        if length > MAX_VM_CMD_PACKAGED_SIZE:
+            raise self._err(f"Unreasonably large packaged state: {length}", p + 5)
+        if self._package_end is not None:
+            raise self._err("CMD_PACKAGED inside a package", p)
+        self._package_end = self._rb.offset(p + COMMAND_HEADER.size + BE32.size) + length
+
+    @property
+    def in_package(self) -> bool:
+        """True while the records decoded come from a PACKAGED command."""
+        return self._package_end is not None
+
+    def _leave_package(self, p: int) -> None:
+        end = self._package_end
+        assert end is not None
+        pos = self._rb.offset(p)
+        if pos > end:
+            raise self._err(f"CMD_PACKAGED: a record runs {pos - end} bytes past the "
+                            "end of the package", p)
+        if pos == end:
+            self._package_end = None
 
     def _read_footer(self) -> _Result:
         sec = self._section
