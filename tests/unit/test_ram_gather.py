@@ -1,8 +1,8 @@
 """Gathered writes put the same bytes on the wire as the copying encoders.
 
 The RAM handler's writev path (headers from a small buffer, pages straight
-from guest RAM) and multifd's packet iovecs are checked against the
-encode-into-a-buffer path, for random dirty sets and page contents.
+from guest RAM) is checked against the encode-into-a-buffer path, for
+random dirty sets and page contents (multifd's: tests/unit/test_wire_multifd.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.machine.ram import RamBlock
-from livemig.migration.multifd import packet_iovec
 from livemig.migration.ram import RamSaveHandler
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,24 +74,6 @@ def test_gathered_ram_pages_equal_encoded_pages(seed, dirty_share, zero_share, b
         ram.pages[:] = pages
         dirty = rng.random(NPAGES) < dirty_share
         assert _send_all(ram, dirty, True, batch) == _send_all(ram, dirty, False, batch)
-    finally:
-        ram.close()
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, NPAGES - 1), unique=True, max_size=40))
-def test_multifd_packet_iovec_is_header_then_pages(page_numbers):
-    ram = RamBlock("pc.ram", NPAGES * 4096)
-    try:
-        ram.pages[:] = np.random.default_rng(len(page_numbers)).integers(
-            0, 256, (NPAGES, 4096), dtype=np.uint8)
-        normal = np.array(sorted(page_numbers), dtype=np.int64)
-        head = b"multifd packet header"
-        iov = packet_iovec(head, normal, ram.host_address)
-        got = b"".join(ctypes.string_at(base, length) for base, length in iov.tolist())
-        assert got == head + ram.pages[normal].tobytes()
-        runs = 0 if not normal.size else 1 + int(np.count_nonzero(np.diff(normal) != 1))
-        assert iov.size == 1 + runs            # one iovec per run of consecutive pages
     finally:
         ram.close()
 

@@ -197,7 +197,9 @@ class RamSaveHandler(SaveVMHandlers):
         pos, scanned, count = self._cursor, 0, 0
         found: list[np.ndarray] = []
         while count < limit and scanned < n:
-            end = min(pos + SCAN_PAGES, n)
+            # Never past where the scan began: a page found on the way round
+            # is still set in the bitmap and would be taken twice.
+            end = min(pos + SCAN_PAGES, n, pos + n - scanned)
             hits = np.flatnonzero(self.bitmap[pos:end])
             if hits.size > limit - count:
                 hits = hits[: limit - count]
@@ -305,7 +307,7 @@ class RamLoadHandler(SaveVMHandlers):
         if isinstance(event, RamPages):
             idx = self._page_numbers(event.block, event.offsets)
             lo, hi = int(idx[0]), int(idx[-1]) + 1
-            if hi - lo == idx.size and idx.size:
+            if hi - lo == idx.size and (idx.size < 3 or bool((np.diff(idx) == 1).all())):
                 self.ram.pages[lo:hi] = event.data      # a run: one strided copy
                 self.ram.loaded[lo:hi] = True
             else:
