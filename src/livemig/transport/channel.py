@@ -55,6 +55,27 @@ IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _libc.writev.restype = ctypes.c_ssize_t
+_libc.readv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_libc.readv.restype = ctypes.c_ssize_t
+
+
+def _iov_syscall(call: Any, iov: np.ndarray, fd_of: Any, wait: Any) -> int:
+    """``call`` (readv or writev) on ``fd_of()``: EINTR retried, EAGAIN waited
+    out with ``wait()``; a negative descriptor reads as EOF (0)."""
+    while True:
+        fd = fd_of()
+        if fd < 0:
+            return 0
+        n = call(fd, iov.ctypes.data, iov.size)
+        if n >= 0:
+            return int(n)
+        code = ctypes.get_errno()
+        if code == errno.EINTR:
+            continue
+        if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+            wait()
+            continue
+        raise OSError(code, os.strerror(code))
 
 
 def byte_view(data: Any) -> memoryview:
@@ -193,50 +214,71 @@ class Channel:
         caller keeps that memory mapped until this returns. The system call
         runs without the GIL (ctypes), like ``socket.send``.
         """
+        self._iovec_all(iov, writing=True)
+
+    def _iovec_all(self, iov: np.ndarray, *, writing: bool) -> int:
+        """writev/readv until every buffer of ``iov`` is done (reads: or EOF),
+        at most IOV_MAX buffers a call, resuming inside a buffer done in part."""
         if iov.dtype != IOVEC or iov.ndim != 1:
-            raise ValueError("send_iovec takes a 1-D IOVEC array")
+            raise ValueError("send_iovec and recv_iovec take a 1-D IOVEC array")
         ends = np.cumsum(iov["len"])           # stream position after each buffer
-        i, count, sent, owned = 0, iov.size, 0, False
+        count = iov.size
+        total = int(ends[-1]) if count else 0
+        i, done, owned = 0, 0, False
+        raw = self._writev_raw if writing else self._readv_raw
         try:
-            while i < count:
+            while done < total:
                 last = min(i + _IOV_MAX, count)
-                n = self._writev_raw(iov[i:last])
-                self.bytes_sent += n
-                sent += n
-                if sent == int(ends[last - 1]):       # all of it: the common case
+                n = raw(iov[i:last])
+                if n == 0:                           # EOF (reads only)
+                    break
+                if writing:
+                    self.bytes_sent += n
+                else:
+                    self.bytes_received += n
+                done += n
+                if done == int(ends[last - 1]):       # all of them: the common case
                     i = last
                     continue
-                i = int(np.searchsorted(ends, sent, side="right"))  # first unfinished
-                if i < count:
-                    # Resume inside buffer i if it went out in part.
-                    rest = sent - (int(ends[i]) - int(iov["len"][i]))
-                    if rest:
-                        if not owned:
-                            iov, owned = iov.copy(), True
-                        iov["base"][i] += rest
-                        iov["len"][i] -= rest
+                i = int(np.searchsorted(ends, done, side="right"))  # first unfinished
+                rest = done - (int(ends[i]) - int(iov["len"][i]))
+                if rest:                              # resume inside buffer i
+                    if not owned:
+                        iov, owned = iov.copy(), True
+                    iov["base"][i] += rest
+                    iov["len"][i] -= rest
         except OSError as exc:
-            raise self._error(exc, writing=True) from exc
+            raise self._error(exc, writing=writing) from exc
+        return done
 
     def _writev_raw(self, iov: np.ndarray) -> int:
         """One writev(2) of a C-contiguous IOVEC array; retries EINTR, waits on EAGAIN."""
-        while True:
-            fd = self._writable_fd()
-            n = _libc.writev(fd, iov.ctypes.data, iov.size)
-            if n >= 0:
-                return n
-            code = ctypes.get_errno()
-            if code == errno.EINTR:
-                continue
-            if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-                self._wait_writable()
-                continue
-            raise OSError(code, os.strerror(code))
+        return _iov_syscall(_libc.writev, iov, self._writable_fd, self._wait_writable)
 
     def _writable_fd(self) -> int:
         raise NotImplementedError
 
     def _wait_writable(self) -> None:
+        raise NotImplementedError
+
+    def recv_iovec(self, iov: np.ndarray) -> int:
+        """Fill the memory ``iov`` (an ``IOVEC`` array) describes, in order, from
+        the stream; returns the bytes read, short only at EOF (or after shutdown).
+
+        The scattering read of ``send_iovec``: page data go straight to where
+        they belong (guest RAM), the system call runs without the GIL.
+        """
+        return self._iovec_all(iov, writing=False)
+
+    def _readv_raw(self, iov: np.ndarray) -> int:
+        """One readv(2); retries EINTR, waits on EAGAIN; 0 at EOF or once shut down."""
+        return _iov_syscall(_libc.readv, iov, self._readable_fd, self._wait_readable)
+
+    def _readable_fd(self) -> int:
+        """The descriptor ``recv_iovec`` reads, -1 once shut down (reads see EOF)."""
+        raise TransportError(f"A {self.kind} migration channel has no scattering read")
+
+    def _wait_readable(self) -> None:
         raise NotImplementedError
 
     def recv_into(self, buf: Any) -> int:
@@ -345,13 +387,22 @@ class SocketChannel(Channel):
         return self.sock.fileno()
 
     def _wait_writable(self) -> None:
+        self._wait_socket(select.POLLOUT)
+
+    def _wait_socket(self, events: int) -> None:
         # A socket with a timeout is non-blocking underneath (Python's design):
-        # wait as sock.send would, up to that timeout.
+        # wait as sock.send/recv would, up to that timeout.
         timeout = self.sock.gettimeout()
         poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLOUT)
+        poller.register(self.sock.fileno(), events)
         if not poller.poll(None if timeout is None else int(timeout * 1000)):
             raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+
+    def _readable_fd(self) -> int:
+        return -1 if self._shut else self.sock.fileno()
+
+    def _wait_readable(self) -> None:
+        self._wait_socket(select.POLLIN)
 
     def return_path(self) -> SocketChannel:
         """A Channel on ``socket.dup()`` of this socket: same stream, separate fd.
