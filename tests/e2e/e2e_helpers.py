@@ -19,15 +19,25 @@ import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
+import pytest
 from qemu.qmp import EventListener
 
-from livemig.cli.driver import TERMINAL, Vm
+from livemig.cli.driver import QEMU_BINARY, TERMINAL, Vm, qemu_available
 from livemig.machine.guest import MIB, parse_size
 from livemig.machine.walk_check import check_walk_pattern
 
 PAGE = 4096
 WALK_START = 1 * MIB
 WALK_END = "16M"
+
+
+def needs_qemu_and_kvm() -> list[pytest.MarkDecorator]:
+    """Marks for a test that runs QEMU under KVM: skipped, with the reason,
+    without either."""
+    from livemig.machine.kvm import kvm_usable
+    ok, why = kvm_usable()
+    return [pytest.mark.skipif(qemu_available() is None, reason=f"{QEMU_BINARY} is not installed"),
+            pytest.mark.skipif(not ok, reason=f"KVM not usable here: {why}")]
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str,

@@ -18,18 +18,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run
-from e2e_helpers import walk_problems_of
+from e2e_helpers import needs_qemu_and_kvm, walk_problems_of
 
-from livemig.cli.driver import QEMU_BINARY, Vm, VmSpec, qemu_available
+from livemig.cli.driver import Vm, VmSpec
 from livemig.machine.guest import MIB
-from livemig.machine.kvm import WALK_BIOS_PATH, kvm_usable, walk_bios_image
+from livemig.machine.kvm import WALK_BIOS_PATH, walk_bios_image
 
-KVM_OK, KVM_WHY = kvm_usable()
-pytestmark = [
-    pytest.mark.skipif(qemu_available() is None, reason=f"{QEMU_BINARY} is not installed"),
-    pytest.mark.skipif(not KVM_OK, reason=f"KVM not usable here: {KVM_WHY}"),
-    pytest.mark.timeout(90),
-]
+pytestmark = [*needs_qemu_and_kvm(), pytest.mark.timeout(90)]
 
 RAM = "128M"
 PAGE = 4096

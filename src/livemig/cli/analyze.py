@@ -295,6 +295,8 @@ def analyze_stream(data: bytes | mmap.mmap) -> dict[str, Any]:
             raise AnalyzeError(f"section '{sec['name']}' is not in the VM description: "
                                "its payload cannot be walked", p0)
         sec["bytes"] += r.pos - p0
+        if sec["name"] != "ram":
+            sec.setdefault("payloads", []).append([p0, r.pos - p0])
         if r.pos < len(data) and data[r.pos] == FOOTER:
             r.u8()
             fid = r.be32()

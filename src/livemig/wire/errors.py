@@ -28,6 +28,13 @@ class WireError(Exception):
         return f"{self.message} (at stream offset {self.offset})"
 
 
+def unknown_section_text(idstr: str, instance_id: int) -> str:
+    """QEMU's text for a section it has no device for (qemu_loadvm_section_start_full)."""
+    return (f"Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that "
+            "your current VM setup matches your saved VM setup, including any hotplugged "
+            "devices")
+
+
 class StreamError(WireError):
     """The main migration stream (source -> destination) is invalid.
 

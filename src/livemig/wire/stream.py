@@ -62,7 +62,7 @@ from .constants import (
     SectionType,
     VfioMigFlag,
 )
-from .errors import StreamError
+from .errors import StreamError, unknown_section_text
 from .events import (
     NEED_DATA,
     Blob,
@@ -523,9 +523,7 @@ class StreamDecoder:
         instance_id, version_id = rb.unpack(SECTION_FULL_HEADER_TAIL, p + head.size + ln)
         kind = self._kinds.get(idstr)
         if kind is None:
-            raise self._err(f"Unknown savevm section or instance '{idstr}' {instance_id}. "
-                            "Make sure that your current VM setup matches your saved VM setup, "
-                            "including any hotplugged devices", p, idstr)
+            raise self._err(unknown_section_text(idstr, instance_id), p, idstr)
         self._sections[section_id] = (idstr, kind)
         self._enter_section(section_id, idstr, kind)
         rb.start = p + head.size + ln + SECTION_FULL_HEADER_TAIL.size
