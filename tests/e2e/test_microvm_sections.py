@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,12 @@ from e2e_helpers import needs_qemu_and_kvm
 
 from livemig.cli.analyze import analyze_stream
 from livemig.cli.driver import MICROVM_MACHINE, QEMU_BINARY, Vm, VmSpec
-from livemig.machine.guest import MIB
-from livemig.machine.kvm import walk_bios_image
+from livemig.machine.dirty_log import DirtyLog
+from livemig.machine.guest import MIB, GuestConfig
+from livemig.machine.kvm import KvmAccelerator, walk_bios_image
+from livemig.machine.kvm_vmstate import apic_values, ioapic_values, kvm_ioapic, lapic_regs
+from livemig.machine.ram import RamBlock
+from livemig.machine.serial import Serial
 from livemig.wire.vmstate.codec import VMStateDescription
 from livemig.wire.vmstate.microvm import (
     MICROVM_SECTIONS,
@@ -96,6 +101,17 @@ def dump(tmp_path_factory) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _section_values(data: bytes) -> dict[tuple[str, int], dict[str, Any]]:
+    rep = analyze_stream(data)
+    out = {}
+    for sec in rep["sections"]:
+        if sec["name"] != "ram":
+            (offset, _), = sec["payloads"]
+            out[(sec["name"], sec["instance_id"])] = decode_section(
+                sec["name"], sec["version"], data, offset)[0]
+    return out
+
+
 @pytest.mark.parametrize("kind", ["stopped, serial", "live, no serial"])
 def test_every_section_decodes_and_reencodes_byte_for_byte(streams, kind):
     data = streams[kind]
@@ -124,14 +140,7 @@ def test_the_stopped_guest_state_is_the_walks(streams):
     """What the values say about this guest: the vCPU in 32-bit protected mode
     (CR0.PE, the walk's flat CS), not halted, KVM's clock reliable, the two
     IOAPICs' 24 pins each, COM1's divisor as reset left it (the walk never programs it)."""
-    data = streams["stopped, serial"]
-    rep = analyze_stream(data)
-    got: dict[tuple[str, int], dict[str, Any]] = {}
-    for sec in rep["sections"]:
-        if sec["name"] != "ram":
-            (offset, _), = sec["payloads"]
-            got[(sec["name"], sec["instance_id"])] = decode_section(
-                sec["name"], sec["version"], data, offset)[0]
+    got = _section_values(streams["stopped, serial"])
     cpu = got[("cpu", 0)]
     assert cpu["env.cr[0]"] & 1 and cpu["env.segs"][1]["selector"] == 0x08
     assert cpu["cpu/tsc_khz"]["env.tsc_khz"] > 0
@@ -192,3 +201,47 @@ def _normalise(ours: dict[str, Any], qemu: dict[str, Any]) -> None:
         ours["fields"][i] = tuple(a)
     for a, b in zip(ours["subsections"], qemu["subsections"], strict=False):
         _normalise(a, b)
+
+
+TIMER_TIMES = ("initial_count_load_time", "next_time", "timer_expiry")
+
+
+def test_qemus_apic_ioapic_and_clock_load_into_livemigs_kvm(streams, tmp_path):
+    """QEMU's apic, ioapic 0 and kvmclock values go into a livemig KVM VM's
+    in-kernel irqchip and clock (KVM_SET_LAPIC / KVM_SET_IRQCHIP /
+    KVM_SET_CLOCK) and read back as QEMU wrote them, the timer's times aside
+    (QEMU's virtual clock at the save); the walk then runs on. Before the
+    load, livemig's fresh LAPIC differs from QEMU's only in LINT0, which
+    KVM's reset sets to ExtINT (QEMU puts every LVT masked)."""
+    q = _section_values(streams["stopped, serial"])
+    ram = RamBlock("microvm.ram", 16 * MIB)
+    serial = Serial(str(tmp_path / "lm.serial"))
+    accel = KvmAccelerator(ram, DirtyLog(ram.npages), serial,
+                           GuestConfig(start=1 * MIB, end=5 * MIB, rate_pages_per_s=0),
+                           irqchip=True)
+    try:
+        fresh = apic_values(accel.get_lapic(), accel.apic_base(), now_ns=0)
+        differs = {k for k in fresh if k not in TIMER_TIMES and fresh[k] != q[("apic", 0)][k]}
+        assert differs == {"lvt"}
+        assert [i for i in range(6) if fresh["lvt"][i] != q[("apic", 0)]["lvt"][i]] == [3]
+        assert fresh["lvt"][3] == 0x700
+        accel.set_lapic(lapic_regs(q[("apic", 0)]))
+        back = apic_values(accel.get_lapic(), accel.apic_base(), now_ns=0)
+        assert {k: v for k, v in back.items() if k not in TIMER_TIMES} == \
+            {k: v for k, v in q[("apic", 0)].items() if k not in TIMER_TIMES}
+        accel.set_ioapic(kvm_ioapic(q[("ioapic", 0)]))
+        assert ioapic_values(accel.get_ioapic()) == q[("ioapic", 0)]
+        accel.set_clock(q[("kvmclock", 0)]["clock"])
+        assert accel.get_clock().clock >= q[("kvmclock", 0)]["clock"]
+        accel.reset()
+        accel.set_lapic(lapic_regs(q[("apic", 0)]))
+        accel.resume()
+        deadline = time.monotonic() + 20
+        while serial.bytes_written < 2:
+            assert time.monotonic() < deadline, "the walk did not run after the load"
+            time.sleep(0.01)
+        accel.pause()
+    finally:
+        accel.close()
+        serial.close()
+        ram.close()

@@ -29,9 +29,9 @@ def make_vm(tmp_path):
     vms: list[Vm] = []
 
     def make(guest: GuestConfig | None = None, ram_size: int = RAM_SIZE,
-             name: str | None = None) -> Vm:
+             name: str | None = None, irqchip: bool = False) -> Vm:
         guest = guest or GuestConfig(start=WALK_START, end=WALK_END, rate_pages_per_s=0)
-        vm = Vm(tmp_path, name or f"vm{len(vms)}", guest, ram_size)
+        vm = Vm(tmp_path, name or f"vm{len(vms)}", guest, ram_size, irqchip)
         vms.append(vm)
         return vm
 

@@ -46,13 +46,15 @@ def walk_pattern_errors(ram: RamBlock, start: int, end: int) -> list[str]:
 class Vm:
     """An accelerator with its RAM, dirty log and serial file, closed at teardown."""
 
-    def __init__(self, tmp_path, name: str, guest: GuestConfig, ram_size: int) -> None:
+    def __init__(self, tmp_path, name: str, guest: GuestConfig, ram_size: int,
+                 irqchip: bool = False) -> None:
         self.serial_path = tmp_path / f"{name}.serial"
         self.ram = RamBlock("pc.ram", ram_size)
         self.dirty_log = DirtyLog(self.ram.npages)
         self.serial = Serial(str(self.serial_path))
         self.guest = guest
-        self.accel = KvmAccelerator(self.ram, self.dirty_log, self.serial, guest)
+        self.accel = KvmAccelerator(self.ram, self.dirty_log, self.serial, guest,
+                                    irqchip=irqchip)
 
     def output(self) -> bytes:
         return self.serial_path.read_bytes()

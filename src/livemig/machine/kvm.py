@@ -223,8 +223,9 @@ class KvmAccelerator:
     name = "kvm"
 
     def __init__(self, ram: RamBlock, dirty_log: DirtyLog, serial: Serial,
-                 guest: GuestConfig) -> None:
+                 guest: GuestConfig, *, irqchip: bool = False) -> None:
         guest.validate(ram.size)
+        self.irqchip = irqchip              # KVM's in-kernel LAPIC, IOAPIC and PICs
         self.ram, self.dirty_log, self.serial, self.guest = ram, dirty_log, serial, guest
         self._image = self._guest_image(guest)     # fail early on a bad image
         if ram.size < BOOT_ADDR + BOOTSECTOR_SIZE:
@@ -285,6 +286,10 @@ class KvmAccelerator:
             if self._caps[abi.KVM_CAP_SET_TSS_ADDR]:
                 _ioctl_ulong(self._vm_fd, abi.KVM_SET_TSS_ADDR, TSS_ADDR)
         self._set_slot(0)
+        if self.irqchip:        # before the vCPU, so it gets an in-kernel LAPIC
+            if not self._check_extension(abi.KVM_CAP_IRQCHIP):
+                raise OSError(errno.ENOTSUP, "KVM lacks KVM_CAP_IRQCHIP")
+            fcntl.ioctl(self._vm_fd, abi.KVM_CREATE_IRQCHIP, 0)
         self._vcpu_fd = fcntl.ioctl(self._vm_fd, abi.KVM_CREATE_VCPU, 0)
         size = fcntl.ioctl(self._kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0)
         self._run_map = mmap.mmap(self._vcpu_fd, size, mmap.MAP_SHARED,
@@ -568,6 +573,53 @@ class KvmAccelerator:
         (flags,) = _VMST.unpack(sections[b"VMST"])
         self._halted = bool(flags & _VMST_HALTED)
         self.stop_reason = "halted (restored)" if self._halted else None
+
+    # -- the in-kernel irqchip and kvmclock (QEMU's kvm-apic, kvm-ioapic, kvmclock) ------
+    def get_lapic(self) -> bytes:
+        """The LAPIC's first KiB of registers (KVM_GET_LAPIC)."""
+        self._require_irqchip("read the LAPIC")
+        self._require_paused("read the LAPIC")
+        buf = bytearray(ctypes.sizeof(abi.kvm_lapic_state))
+        fcntl.ioctl(self._vcpu_fd, abi.KVM_GET_LAPIC, buf)
+        return bytes(buf)
+
+    def set_lapic(self, regs: bytes) -> None:
+        self._require_irqchip("load the LAPIC")
+        self._require_paused("load the LAPIC")
+        fcntl.ioctl(self._vcpu_fd, abi.KVM_SET_LAPIC, abi.kvm_lapic_state.from_bytes(regs))
+
+    def apic_base(self) -> int:
+        """MSR_IA32_APICBASE, as KVM keeps it in the special registers."""
+        self._require_paused("read the APIC base")
+        sregs = abi.kvm_sregs()
+        fcntl.ioctl(self._vcpu_fd, abi.KVM_GET_SREGS, sregs)
+        return int(sregs.apic_base)
+
+    def get_ioapic(self) -> abi.kvm_ioapic_state:
+        self._require_irqchip("read the IOAPIC")
+        chip = abi.kvm_irqchip(chip_id=abi.KVM_IRQCHIP_IOAPIC)
+        fcntl.ioctl(self._vm_fd, abi.KVM_GET_IRQCHIP, chip)
+        return abi.kvm_ioapic_state.from_bytes(
+            chip.to_bytes()[8:8 + ctypes.sizeof(abi.kvm_ioapic_state)])
+
+    def set_ioapic(self, state: abi.kvm_ioapic_state) -> None:
+        self._require_irqchip("load the IOAPIC")
+        chip = abi.kvm_irqchip.from_bytes(
+            struct.pack("<II", abi.KVM_IRQCHIP_IOAPIC, 0) + state.to_bytes().ljust(512, b"\0"))
+        fcntl.ioctl(self._vm_fd, abi.KVM_SET_IRQCHIP, chip)
+
+    def get_clock(self) -> abi.kvm_clock_data:
+        """kvmclock's nanoseconds and flags (KVM_GET_CLOCK)."""
+        data = abi.kvm_clock_data()
+        fcntl.ioctl(self._vm_fd, abi.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, clock_ns: int) -> None:
+        fcntl.ioctl(self._vm_fd, abi.KVM_SET_CLOCK, abi.kvm_clock_data(clock=clock_ns))
+
+    def _require_irqchip(self, what: str) -> None:
+        if not self.irqchip:
+            raise RuntimeError(f"cannot {what}: the VM has no in-kernel irqchip")
 
     def _require_paused(self, what: str) -> None:
         if not self._idle.is_set():

@@ -267,6 +267,45 @@ KVM_SET_XSAVE = _iow(0xA5, kvm_xsave)
 KVM_GET_XCRS = _ior(0xA6, kvm_xcrs)
 KVM_SET_XCRS = _iow(0xA7, kvm_xcrs)
 
+# -- the in-kernel irqchip and kvmclock (QEMU's kvm-apic, kvm-ioapic, kvmclock) ----------
+KVM_APIC_REG_SIZE = 0x400
+KVM_IOAPIC_NUM_PINS = 24
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_ADJUST_CLOCK = 39
+
+
+class kvm_lapic_state(_S):
+    """The local APIC's 4 KiB register page, first KiB: register N at N * 16."""
+
+    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+
+
+class kvm_ioapic_state(_S):
+    _fields_ = [("base_address", u64), ("ioregsel", u32), ("id", u32), ("irr", u32),
+                ("pad", u32), ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS)]
+
+
+class kvm_irqchip(_S):
+    """One chip's state: ``chip`` is a 512-byte union (PIC or IOAPIC)."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", ctypes.c_char * 512)]
+
+
+class kvm_clock_data(_S):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
+                ("host_tsc", u64), ("pad", u32 * 4)]
+
+
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_GET_IRQCHIP = _iowr(0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = _ior(0x63, kvm_irqchip)      # sic: _IOR in <linux/kvm.h>
+KVM_SET_CLOCK = _iow(0x7B, kvm_clock_data)
+KVM_GET_CLOCK = _ior(0x7C, kvm_clock_data)
+KVM_GET_LAPIC = _ior(0x8E, kvm_lapic_state)
+KVM_SET_LAPIC = _iow(0x8F, kvm_lapic_state)
+
 # -- MSRs saved with the vCPU (those the host lists in KVM_GET_MSR_INDEX_LIST) ------------
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_ADJUST = 0x3B
@@ -297,7 +336,8 @@ _SIZES = {
     kvm_enable_cap: 104, kvm_regs: 144, kvm_segment: 24, kvm_dtable: 16, kvm_sregs: 312,
     kvm_fpu: 416, kvm_xsave: 4096, kvm_xcrs: 392, kvm_debugregs: 128,
     kvm_vcpu_events: 64, kvm_msr_entry: 16, kvm_msrs: 8, kvm_cpuid_entry2: 40,
-    kvm_cpuid2: 8, kvm_run_head: 48,
+    kvm_cpuid2: 8, kvm_run_head: 48, kvm_lapic_state: 1024, kvm_ioapic_state: 216,
+    kvm_irqchip: 520, kvm_clock_data: 48,
 }
 for _cls, _size in _SIZES.items():
     assert ctypes.sizeof(_cls) == _size, f"{_cls.__name__}: {ctypes.sizeof(_cls)} != {_size}"
