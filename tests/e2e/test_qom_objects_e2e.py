@@ -100,6 +100,21 @@ SEQUENCE = [
            "rules": [{"match": "x", "policy": "allow", "format": "regex"}]}),
     add(**{"qom-type": "authz-list", "id": "al4", "rules": "x"}),
     add(**{"qom-type": "authz-listfile", "id": "l2"}),
+    # TLS credentials: QEMU's properties, defaults and file checks.
+    add(**{"qom-type": "tls-creds-x509", "id": "t", "endpoint": "server",
+           "dir": "/nonexistent-livemig"}),
+    add(**{"qom-type": "tls-creds-x509", "id": "t", "endpoint": "client",
+           "dir": "/nonexistent-livemig"}),
+    add(**{"qom-type": "tls-creds-x509", "id": "t"}),
+    add(**{"qom-type": "tls-creds-x509", "id": "t", "endpoint": "bogus", "dir": "/"}),
+    add(**{"qom-type": "tls-creds-x509", "id": "t", "verify-peer": "yes", "dir": "/"}),
+    add(**{"qom-type": "tls-creds-x509", "id": "t", "loaded": True, "dir": "/"}),
+    add(**{"qom-type": "tls-creds-psk", "id": "p", "endpoint": "server",
+           "dir": "/nonexistent-livemig", "username": "u"}),
+    add(**{"qom-type": "tls-creds-psk", "id": "p", "endpoint": "client",
+           "dir": "/nonexistent-livemig"}),
+    add(**{"qom-type": "tls-creds-psk", "id": "p", "endpoint": "server",
+           "dir": "/nonexistent-livemig"}),
 ]
 
 
@@ -128,6 +143,8 @@ BAD_OBJECTS = [
     '{"qom-type":"authz-simple","id":"a","identity":"x","foo":1}',
     "authz-list,id=a,rules.0.match=x",
     "authz-listfile,id=a,filename=/x,refresh=maybe",
+    "tls-creds-x509,id=t,dir=/tmp,verify-peer=maybe",
+    "tls-creds-x509,id=t,dir=/tmp,endpoint=both",
 ]
 
 
@@ -176,3 +193,46 @@ def test_object_add_is_in_query_qmp_schema(inproc):
     assert {m["name"] for m in cases["authz-listfile"]["members"]} == {"filename", "refresh"}
     delete_cmd = next(e for e in entities if e["name"] == "object-del")
     assert [m["name"] for m in types[delete_cmd["arg-type"]]["members"]] == ["id"]
+
+
+def test_object_that_fails_to_complete_at_start_fails_like_qemu():
+    """A -object that parses but cannot complete: QEMU prints the error without the
+    option's location (it is created after parsing), and so does livemig."""
+    spec = "tls-creds-x509,id=t,endpoint=server,dir=/nonexistent-livemig"
+    q = _first_lines([QEMU_BINARY, "-M", "none", "-nodefaults", "-display", "none",
+                      "-object", spec], "qemu-system-x86_64")
+    lm = _first_lines([sys.executable, "-m", "livemig", "run", "-S", "-object", spec],
+                      "livemig")
+    assert q == ("PROG: Unable to access credentials /nonexistent-livemig/ca-cert.pem: "
+                 "No such file or directory")
+    assert lm == q
+
+
+def test_tls_creds_files_checked_like_qemu(inproc, tmp_path):
+    """Real credential directories (made here): what each engine says of each."""
+    if not _qemu_version_ok():
+        pytest.skip("the expected answers are QEMU 10.0's")
+    from tls_certs import client_dir_variant, make_pki
+    pki = make_pki(tmp_path / "pki")
+    only_ca = tmp_path / "only-ca"
+    only_ca.mkdir()
+    (only_ca / "ca-cert.pem").write_bytes((pki.server / "ca-cert.pem").read_bytes())
+    expired = client_dir_variant(tmp_path, pki, "expired", expired=True)
+    x509 = {"qom-type": "tls-creds-x509"}
+    commands = [
+        add(**x509, id="s1", endpoint="server", dir=str(pki.server)),
+        add(**x509, id="c1", endpoint="client", dir=str(pki.client)),
+        add(**x509, id="s2", endpoint="server", dir=str(only_ca)),    # no server cert
+        add(**x509, id="c2", endpoint="client", dir=str(only_ca)),    # client cert optional
+        add(**x509, id="c3", endpoint="client", dir=str(expired)),
+        add(**x509, id="c4", endpoint="client", dir=str(expired), **{"sanity-check": False}),
+        delete(id="s1"), delete(id="s1"),
+    ]
+    q = qemu_outcomes(commands)
+    assert q[2] == ("error", "GenericError", f"Unable to access credentials {only_ca}/"
+                                             "server-cert.pem: No such file or directory")
+    assert q[4] == ("error", "GenericError",
+                    f"The client certificate {expired}/client-cert.pem has expired")
+    lm = livemig_outcomes(inproc, commands)
+    for cmd, a, b in zip(commands, q, lm, strict=True):
+        assert b == a, cmd

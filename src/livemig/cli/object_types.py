@@ -6,5 +6,6 @@ this module only makes sure those modules are loaded before ``-object`` or
 """
 
 from livemig.authz import authz as _authz
+from livemig.crypto import tlscreds as _tlscreds
 
-TYPE_MODULES = (_authz,)
+TYPE_MODULES = (_authz, _tlscreds)

@@ -93,10 +93,11 @@ class VmProcess:
             self._close_sinks()
             raise
         self.source = MigrationState(self.machine, self.caps, self.params,
-                                     self.server.emit_event)
+                                     self.server.emit_event, objects=self.objects)
         self.incoming = IncomingState(self.machine, self.caps, self.params,
                                       self.server.emit_event,
-                                      on_failure_exit=self._incoming_failed)
+                                      on_failure_exit=self._incoming_failed,
+                                      objects=self.objects)
         register_vm_commands(self.registry, self)
 
     def _open_chardev(self, chardev: ChardevSpec) -> SerialSocket | None:

@@ -9,7 +9,11 @@ guest; the reason goes back to the source on the return path.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +21,7 @@ from typing import Any
 
 from livemig.machine.runstate import TRANSITIONS, RunState
 from livemig.machine.vmstate import SaveVMHandlers
-from livemig.migration import savevm
+from livemig.migration import savevm, tls
 from livemig.migration.errors import LoadError, MigrationError
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
@@ -48,13 +52,61 @@ MIN_RATE_BYTES = 4 << 20       # measure the load rate only over at least this m
 __all__ = ["IncomingState", "LoadError"]
 
 
+class TlsAcceptor:
+    """Accepts on its own thread and shakes hands on one thread per connection,
+    so a peer that fails or stalls its handshake holds up nobody: its error is
+    reported (QEMU's error_report) and the listener stays open for the next
+    one, as QEMU's does. ``accept`` hands out channels that passed every check."""
+
+    def __init__(self, listener: Listener, handshake: Callable[[Channel], Channel]) -> None:
+        self.listener = listener
+        self.handshake = handshake
+        self.ready: queue.Queue[Channel | BaseException] = queue.Queue()
+        threading.Thread(target=self._accept_loop, name="incoming accept", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                ch = self.listener.accept()
+            except (TransportError, OSError) as exc:
+                self.ready.put(exc)       # listener closed, or broken: accept() says why
+                return
+            threading.Thread(target=self._shake, args=(ch,), name="incoming tls",
+                             daemon=True).start()
+
+    def _shake(self, ch: Channel) -> None:
+        try:
+            self.ready.put(self.handshake(ch))
+        except TransportError as exc:
+            print(f"livemig: {exc.desc}", file=sys.stderr, flush=True)
+            log.info("incoming TLS connection refused: %s", exc.desc)
+            with contextlib.suppress(OSError):
+                ch.close()
+        except Exception:
+            log.exception("incoming TLS handshake")
+            with contextlib.suppress(OSError):
+                ch.close()
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        try:
+            item = self.ready.get(timeout=timeout)
+        except queue.Empty:
+            raise TransportError("Timed out waiting for a migration channel",
+                                 errno.ETIMEDOUT) from None
+        if isinstance(item, BaseException):
+            self.ready.put(item)
+            raise item
+        return item
+
+
 class IncomingState(AnnouncesStatus):
     """One VM's incoming migration (``@upper_half`` entry points: start, query)."""
 
     def __init__(self, machine, caps: Capabilities, params: Parameters, emit: EventCallback,
                  on_failure_exit: Callable[[str], None] | None = None, *,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, objects: Any = None) -> None:
         self.machine = machine
+        self.objects = objects                  # /objects: tls-creds and tls-authz
         self.clock = clock
         self.caps = caps
         self.params = params
@@ -187,13 +239,16 @@ class IncomingState(AnnouncesStatus):
         """The main channel, plus ``multifd-channels`` more when multifd is on;
         they are told apart by their first 4 bytes, as QEMU does."""
         assert self.listener is not None
+        accept = self.listener.accept
+        if tls.tls_enabled(self.params):
+            accept = TlsAcceptor(self.listener, self._tls_server).accept
         if not self.caps.multifd:
-            self.channel = self.listener.accept()
+            self.channel = accept()
             return
         n = self.params.multifd_channels
         multifd: dict[int, Any] = {}
         while self.channel is None or len(multifd) < n:
-            ch = self.listener.accept(timeout=60)
+            ch = accept(timeout=60)
             head = bytearray(4)
             ch.read_exact_into(head)
             if bytes(head) == QEMU_VM_FILE_MAGIC.to_bytes(4, "big"):
@@ -207,6 +262,12 @@ class IncomingState(AnnouncesStatus):
                 raise LoadError(f"multifd: unexpected channel id {init.channel_id}")
             multifd[init.channel_id] = ch
         self.multifd = MultifdReceiver([multifd[i] for i in range(n)], self.machine.ram)
+
+    def _tls_server(self, channel: Channel) -> Channel:
+        """QEMU's migration_tls_channel_process_incoming for one accepted connection."""
+        creds = tls.migration_tls_get_creds(self.objects, self.params.get("tls-creds"),
+                                            "server")
+        return tls.tls_server(channel, creds, self.params.get("tls-authz"), self.objects)
 
     def _fail(self, reason: str) -> None:
         self.error_desc = f"load of migration failed: {reason}"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from livemig.migration.errors import MigrationError
 from livemig.threadname import name_native_thread
 from livemig.transport import TransportError
+from livemig.transport.tls import TlsAlert
 from livemig.wire import (
     NEED_DATA,
     Closed,
@@ -73,6 +74,10 @@ class SourceReturnPath:
                     return
         except ReturnPathError as exc:
             self._fail(exc.message)         # QEMU's words, without our offset suffix
+        except TlsAlert as exc:
+            # QEMU's text, and why: the destination's TLS refused us (e.g. our certificate).
+            if self.shut_value is None:
+                self._fail(f"{CHANNEL_ERROR} (TLS: {exc.reason})")
         except (OSError, TransportError):
             if self.shut_value is None:
                 self._fail(CHANNEL_ERROR)

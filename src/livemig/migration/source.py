@@ -23,7 +23,7 @@ from typing import Any
 
 from livemig.machine.runstate import RunState
 from livemig.machine.vmstate import SaveVMHandlers
-from livemig.migration import policy, savevm, switchover
+from livemig.migration import policy, savevm, switchover, tls
 from livemig.migration.errors import MigrationCancelled, MigrationError
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.info import (
@@ -59,8 +59,9 @@ class MigrationState(AnnouncesStatus):
     migrate_init resets it). It is the :class:`SaveContext` its handlers see."""
 
     def __init__(self, machine, caps: Capabilities, params: Parameters, emit: EventCallback,
-                 *, clock: Clock = time.monotonic) -> None:
+                 *, clock: Clock = time.monotonic, objects: Any = None) -> None:
         self.machine = machine
+        self.objects = objects                  # /objects: tls-creds are looked up there
         self.caps = caps
         self.params = params
         self.emit = emit
@@ -261,7 +262,7 @@ class MigrationState(AnnouncesStatus):
 
         def connect() -> None:
             try:
-                ch = open_outgoing(address)
+                ch = self._open_channel(address)
             except Exception as exc:  # noqa: BLE001 - handed to the migration thread
                 result["error"] = exc
                 return
@@ -283,12 +284,27 @@ class MigrationState(AnnouncesStatus):
             raise MigrationError(getattr(exc, "desc", None) or str(exc)) from None
         return result["channel"]
 
+    def _open_channel(self, address) -> Channel:
+        """Connect (QEMU's socket_start_outgoing_migration), then TLS when
+        ``tls-creds`` is set (migration_tls_channel_connect)."""
+        ch = open_outgoing(address)
+        if not tls.tls_enabled(self.params):
+            return ch
+        try:
+            creds = tls.migration_tls_get_creds(self.objects, self.params.get("tls-creds"),
+                                                "client")
+        except TransportError:
+            ch.close()
+            raise
+        hostname = self.params.get("tls-hostname") or getattr(address, "host", None)
+        return tls.tls_client(ch, creds, hostname)
+
     def _open_multifd(self, address) -> MultifdSender:
         n = self.params.multifd_channels
         channels = []
         try:
             for _ in range(n):
-                channels.append(open_outgoing(address))
+                channels.append(self._open_channel(address))
         except TransportError as exc:
             for ch in channels:
                 ch.close()

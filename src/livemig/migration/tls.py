@@ -1,0 +1,178 @@
+"""Migration over TLS, QEMU's ``migration/tls.c`` and ``crypto/tlssession.c`` checks.
+
+``tls-creds`` (empty: off) names a ``tls-creds-*`` object whose endpoint is
+``client`` on the source and ``server`` on the destination; the source
+checks the server's certificate against ``tls-hostname`` or else the host
+of a ``tcp:`` URI; the destination, when its credentials verify the peer,
+takes the client certificate's distinguished name (RFC 4514, as GnuTLS's
+``gnutls_x509_crt_get_dn2`` prints it: last RDN first, ``CN=...,O=...``) to
+the ``tls-authz`` object. The main channel, its return path (the same TLS
+stream) and every multifd channel go through :func:`tls_client` /
+:func:`tls_server`. A failed check is a ``TransportError`` in QEMU's words.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+from typing import Any, Final
+
+from livemig.authz.authz import QAuthZ
+from livemig.crypto.tlscreds import QCryptoTLSCreds, TLSCredsPSK
+from livemig.qapi.errors import QapiError
+from livemig.transport import Channel, TransportError
+from livemig.transport.channel import SocketChannel
+from livemig.transport.tls import TlsChannel
+
+NO_CREDS: Final = "No TLS credentials with id '%s'"
+NOT_CREDS: Final = "Object with id '%s' is not TLS credentials"
+WRONG_ENDPOINT: Final = "Expected TLS credentials for a %s endpoint"
+NO_HOSTNAME: Final = "No hostname available for TLS"
+AUTHZ_DENIED: Final = "TLS x509 authz check for %s is denied"
+HOSTNAME_MISMATCH: Final = "Certificate does not match the hostname %s"
+NO_PEER_CERT: Final = "No certificate peers"
+NO_AUTHZ: Final = "Cannot find QAuthZ object ID %s"   # authz/base.c
+NOT_AUTHZ: Final = "Object '%s' is not a QAuthZ subclass"
+HANDSHAKE_FAILED: Final = "TLS handshake failed: %s"
+NEEDS_SOCKET: Final = "TLS needs a socket migration channel (tcp, unix or a socket fd)"
+PSK_UNSUPPORTED: Final = ("tls-creds-psk cannot be used for migration by livemig: Python's "
+                          "ssl module (3.11) has no PSK callbacks")
+# How long a peer may take over its handshake before the destination drops it.
+HANDSHAKE_TIMEOUT_S: Final = 30.0
+
+# X509_V_ERR_* -> QEMU's qcrypto_tls_session_check_certificate() reasons.
+_VERIFY_REASONS: Final = {
+    9: "The certificate is not yet activated",
+    10: "The certificate has expired",
+    2: "The certificate hasn't got a known issuer",
+    18: "The certificate hasn't got a known issuer",
+    19: "The certificate hasn't got a known issuer",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+# Short names GnuTLS prints in a DN, by Python's ssl long names.
+_DN_NAMES: Final = {
+    "commonName": "CN", "countryName": "C", "localityName": "L",
+    "stateOrProvinceName": "ST", "organizationName": "O", "organizationalUnitName": "OU",
+    "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID",
+    "emailAddress": "EMAIL", "serialNumber": "serialNumber", "title": "title",
+    "givenName": "givenName", "surname": "surName", "initials": "initials",
+    "generationQualifier": "generationQualifier", "dnQualifier": "dnQualifier",
+    "pseudonym": "pseudonym", "name": "name",
+}
+
+
+def tls_enabled(params: Any) -> bool:
+    return bool(params.get("tls-creds"))
+
+
+def migration_tls_get_creds(objects: Any, creds_id: str, endpoint: str) -> QCryptoTLSCreds:
+    """The ``tls-creds`` object for ``endpoint``, with QEMU's three texts."""
+    creds = objects.get(creds_id) if objects is not None else None
+    if creds is None:
+        raise TransportError(NO_CREDS % creds_id)
+    if not isinstance(creds, QCryptoTLSCreds):
+        raise TransportError(NOT_CREDS % creds_id)
+    if creds.endpoint != endpoint:
+        raise TransportError(WRONG_ENDPOINT % endpoint)
+    if isinstance(creds, TLSCredsPSK):
+        raise TransportError(PSK_UNSUPPORTED)
+    return creds
+
+
+def _dn_escape(value: str) -> str:
+    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+    if out.startswith(("#", " ")):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def peer_name(cert: dict[str, Any]) -> str:
+    """The subject of ``getpeercert()``'s answer as an RFC 4514 string (GnuTLS's form)."""
+    rdns = []
+    for rdn in reversed(cert.get("subject", ())):
+        rdns.append("+".join(f"{_DN_NAMES.get(key, key)}={_dn_escape(value)}"
+                             for key, value in rdn))
+    return ",".join(rdns)
+
+
+def _handshake_error(exc: BaseException, hostname: str | None) -> TransportError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == 62 and hostname:        # X509_V_ERR_HOSTNAME_MISMATCH
+            return TransportError(HOSTNAME_MISMATCH % hostname, errno.EPROTO)
+        return TransportError(_VERIFY_REASONS.get(code, "The certificate is not trusted"),
+                              errno.EPROTO)
+    if isinstance(exc, ssl.SSLError):
+        return TransportError(HANDSHAKE_FAILED % (exc.reason or exc), errno.EPROTO)
+    if isinstance(exc, TimeoutError):
+        return TransportError(HANDSHAKE_FAILED % "timed out", errno.ETIMEDOUT)
+    if isinstance(exc, OSError):
+        code = exc.errno or errno.EIO
+        return TransportError(HANDSHAKE_FAILED % os.strerror(code), code)
+    return TransportError(HANDSHAKE_FAILED % exc)
+
+
+def _take_socket(channel: Channel) -> socket.socket:
+    if not isinstance(channel, SocketChannel):
+        channel.close()
+        raise TransportError(NEEDS_SOCKET)
+    return channel.sock
+
+
+def _handshake(ssock: ssl.SSLSocket, timeout: float | None, hostname: str | None) -> None:
+    ssock.settimeout(timeout)
+    try:
+        ssock.do_handshake()
+    except (OSError, ValueError) as exc:
+        ssock.close()
+        raise _handshake_error(exc, hostname) from None
+
+
+def tls_client(channel: Channel, creds: QCryptoTLSCreds, hostname: str | None,
+               timeout: float | None = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
+    """The source's side: handshake, the server's certificate and hostname checked."""
+    if not hostname:
+        channel.close()
+        raise TransportError(NO_HOSTNAME)
+    sock = _take_socket(channel)
+    ssock = creds.context.wrap_socket(sock, server_hostname=hostname,
+                                      do_handshake_on_connect=False)
+    _handshake(ssock, timeout, hostname)
+    return TlsChannel(ssock)
+
+
+def tls_server(channel: Channel, creds: QCryptoTLSCreds, authz_id: str, objects: Any,
+               timeout: float | None = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
+    """The destination's side: handshake, then the client's name against ``tls-authz``."""
+    sock = _take_socket(channel)
+    ssock = creds.context.wrap_socket(sock, server_side=True,
+                                      do_handshake_on_connect=False)
+    _handshake(ssock, timeout, None)
+    try:
+        if creds.verify_peer:
+            cert = ssock.getpeercert()
+            if not cert:
+                raise TransportError(NO_PEER_CERT)
+            name = peer_name(cert)
+            if authz_id:
+                authz = objects.get(authz_id) if objects is not None else None
+                if authz is None:
+                    raise TransportError(NO_AUTHZ % authz_id)
+                if not isinstance(authz, QAuthZ):
+                    raise TransportError(NOT_AUTHZ % authz_id)
+                try:
+                    allowed = authz.is_allowed(name)
+                except QapiError as exc:
+                    raise TransportError(exc.desc) from None
+                if not allowed:
+                    raise TransportError(AUTHZ_DENIED % name)
+    except BaseException:
+        ssock.close()
+        raise
+    return TlsChannel(ssock)

@@ -1,0 +1,216 @@
+"""A migration channel over TLS: one ``ssl.SSLSocket``, both directions.
+
+OpenSSL does not let two threads use one SSL object at once, yet the
+migration thread writes while the return-path thread reads the same
+stream. So after the handshake the socket is non-blocking and every
+``SSL_read``/``SSL_write`` runs under one lock that is never held while
+waiting: a call that would block (``SSLWantRead``/``SSLWantWrite``)
+releases the lock and polls the socket. OpenSSL runs without the GIL, so N
+multifd channels encrypt on N cores.
+
+Page data cannot be handed to ``writev`` (the bytes must be encrypted), so
+``send_iovec`` gathers the iovec's buffers into one contiguous array with
+numpy (:func:`gather_iovec`: one fancy-index copy per distinct buffer
+length, never a Python loop per page) and writes that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from livemig.transport.channel import IOVEC, Channel
+from livemig.transport.errors import TransportError
+
+PAGE: Final = 4096
+# Longest wait between two tries of a blocked call: another thread's SSL call may
+# have taken the bytes this one waits for off the socket into OpenSSL's buffer.
+_POLL_SLICE_S: Final = 0.2
+
+
+def gather_iovec(iov: np.ndarray) -> np.ndarray:
+    """The bytes an ``IOVEC`` array describes, copied in order into one uint8 array.
+
+    Buffers whose length is a multiple of a page are split into pages first,
+    so the copies are grouped by a handful of lengths (page, record headers).
+    """
+    if iov.dtype != IOVEC or iov.ndim != 1:
+        raise ValueError("gather_iovec takes a 1-D IOVEC array")
+    lens = iov["len"].astype(np.int64)
+    bases = iov["base"].astype(np.int64)
+    keep = lens > 0
+    lens, bases = lens[keep], bases[keep]
+    if lens.size == 0:
+        return np.empty(0, np.uint8)
+    runs = (lens > PAGE) & (lens % PAGE == 0)
+    if runs.any():
+        counts = np.where(runs, lens // PAGE, 1)
+        idx = np.repeat(np.arange(lens.size), counts)
+        within = np.arange(idx.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        bases = bases[idx] + within * PAGE * runs[idx]
+        lens = np.where(runs[idx], PAGE, lens[idx])
+    total = int(lens.sum())
+    out = np.empty(total, np.uint8)
+    starts = np.cumsum(lens) - lens
+    lo = int(bases.min())
+    span = int((bases + lens).max()) - lo
+    src = np.ctypeslib.as_array(ctypes.cast(lo, ctypes.POINTER(ctypes.c_uint8)), (span,))
+    for length in np.unique(lens).tolist():
+        sel = lens == length
+        rows_in = as_strided(src, shape=(span - length + 1, length), strides=(1, 1))
+        rows_out = as_strided(out, shape=(total - length + 1, length), strides=(1, 1))
+        rows_out[starts[sel]] = rows_in[bases[sel] - lo]
+    return out
+
+
+class TlsAlert(TransportError):
+    """The TLS layer failed (most often: the peer sent an alert, e.g. it refused our
+    certificate); ``reason`` is OpenSSL's (``TLSV1_ALERT_UNKNOWN_CA``)."""
+
+    def __init__(self, desc: str, reason: str) -> None:
+        super().__init__(desc, errno.EPROTO)
+        self.reason = reason
+
+
+class _TlsStream:
+    """The SSL object the main channel and its return path share."""
+
+    def __init__(self, ssock: ssl.SSLSocket) -> None:
+        self.ssl = ssock
+        self.lock = threading.Lock()
+        self.shut = False
+        self.timeout: float | None = None
+        self.closed = False
+        ssock.setblocking(False)
+
+
+class TlsChannel(Channel):
+    """A socket migration channel whose bytes go through TLS (after the handshake)."""
+
+    kind = "socket"
+    noun = "socket"
+    supports_return_path = True
+
+    def __init__(self, ssock: ssl.SSLSocket, *, _stream: _TlsStream | None = None) -> None:
+        super().__init__()
+        self._owner = _stream is None
+        self._s = _stream if _stream is not None else _TlsStream(ssock)
+        self.sock = self._s.ssl
+
+    @property
+    def ssl_object(self) -> ssl.SSLSocket:
+        return self._s.ssl
+
+    def _io(self, call: Callable[[], int], writing: bool) -> int:
+        s = self._s
+        deadline = None if s.timeout is None else time.monotonic() + s.timeout
+        while True:
+            if s.shut or self._shut:
+                if writing:
+                    raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+                return 0
+            with s.lock:
+                try:
+                    return call()
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    if writing:
+                        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)) from None
+                    return 0
+            wait = _POLL_SLICE_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+            poller = select.poll()
+            poller.register(s.ssl.fileno(), events | select.POLLHUP | select.POLLERR)
+            poller.poll(int(wait * 1000) + 1)
+
+    def _write(self, view: memoryview) -> int:
+        return self._io(lambda: self._s.ssl.send(view), True)
+
+    def _writev(self, views: list[memoryview]) -> int:
+        return self._write(views[0])         # short counts are the contract
+
+    def _read_into(self, view: memoryview) -> int:
+        return self._io(lambda: self._s.ssl.recv_into(view), False)
+
+    def _error(self, exc: OSError, writing: bool) -> TransportError:
+        if isinstance(exc, ssl.SSLError):
+            verb = "write to" if writing else "read from"
+            reason = str(exc.reason or exc)
+            return TlsAlert(f"Unable to {verb} {self.noun}: TLS: {reason}", reason)
+        return super()._error(exc, writing)
+
+    def send_iovec(self, iov: np.ndarray) -> None:
+        self.sendall(gather_iovec(iov))
+
+    def fileno(self) -> int:
+        return self._s.ssl.fileno()
+
+    def return_path(self) -> TlsChannel:
+        """The same TLS stream, read by the return-path thread."""
+        return TlsChannel(self._s.ssl, _stream=self._s)
+
+    def set_timeout(self, seconds: float | None) -> None:
+        self._s.timeout = seconds
+
+    def shutdown(self) -> None:
+        self._shut = True
+        self._s.shut = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._s.ssl, socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._owner:
+            self.shutdown()
+            self._close_ssl()
+
+    def release(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._owner:
+            self._close_ssl()
+
+    def _close_ssl(self) -> None:
+        with self._s.lock:
+            if not self._s.closed:
+                self._s.closed = True
+                self._s.ssl.close()
+
+    def linger(self, seconds: float) -> None:
+        """Half-close the socket, then drop what the peer still sends until EOF."""
+        buf = bytearray(1 << 16)
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._s.ssl, socket.SHUT_WR)
+        self._s.timeout = 0.1
+        while time.monotonic() < deadline:
+            try:
+                if self._read_into(memoryview(buf)) == 0:
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
