@@ -134,3 +134,23 @@ def test_authz_and_hostname_refusals_in_qemus_words(creds):
     client, out = _pair(creds, authz="missing")
     assert out["error"].desc == "Cannot find QAuthZ object ID missing"
     client.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([0, 7, 4096, 2 * 4096]), min_size=1, max_size=12),
+       st.integers(0, 100))
+def test_scatter_is_gathers_inverse(lengths, cut):
+    from livemig.transport.tls import scatter_iovec, truncate_iovec
+    ram = np.zeros(64 * 4096, np.uint8)
+    iov = np.zeros(len(lengths), IOVEC)
+    offset = 0
+    for i, length in enumerate(lengths):
+        iov[i] = (ram.ctypes.data + offset, length)
+        offset += length + 4096                 # gaps stay zero
+    data = np.random.default_rng(4).integers(1, 256, int(iov["len"].sum()), dtype=np.uint8)
+    scatter_iovec(iov, data)
+    assert np.array_equal(gather_iovec(iov), data)
+    assert int(ram.astype(bool).sum()) == data.size   # nothing written outside
+    n = data.size * cut // 100
+    part = truncate_iovec(iov, n)
+    assert int(part["len"].sum()) == n

@@ -40,20 +40,15 @@ PAGE: Final = 4096
 _POLL_SLICE_S: Final = 0.2
 
 
-def gather_iovec(iov: np.ndarray) -> np.ndarray:
-    """The bytes an ``IOVEC`` array describes, copied in order into one uint8 array.
-
-    Buffers whose length is a multiple of a page are split into pages first,
-    so the copies are grouped by a handful of lengths (page, record headers).
-    """
+def _page_rows(iov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The iovec's (bases, lengths), empty buffers dropped and buffers whose length
+    is a multiple of a page split into pages (so few distinct lengths remain)."""
     if iov.dtype != IOVEC or iov.ndim != 1:
-        raise ValueError("gather_iovec takes a 1-D IOVEC array")
+        raise ValueError("takes a 1-D IOVEC array")
     lens = iov["len"].astype(np.int64)
     bases = iov["base"].astype(np.int64)
     keep = lens > 0
     lens, bases = lens[keep], bases[keep]
-    if lens.size == 0:
-        return np.empty(0, np.uint8)
     runs = (lens > PAGE) & (lens % PAGE == 0)
     if runs.any():
         counts = np.where(runs, lens // PAGE, 1)
@@ -61,17 +56,52 @@ def gather_iovec(iov: np.ndarray) -> np.ndarray:
         within = np.arange(idx.size) - np.repeat(np.cumsum(counts) - counts, counts)
         bases = bases[idx] + within * PAGE * runs[idx]
         lens = np.where(runs[idx], PAGE, lens[idx])
+    return bases, lens
+
+
+def _copy_iovec(iov: np.ndarray, flat: np.ndarray, *, to_flat: bool) -> None:
+    """Copy between the iovec's buffers and ``flat`` (their concatenation), one
+    fancy-index copy per distinct buffer length (as_strided rows at byte steps)."""
+    bases, lens = _page_rows(iov)
+    if lens.size == 0:
+        return
     total = int(lens.sum())
-    out = np.empty(total, np.uint8)
+    assert flat.size == total
     starts = np.cumsum(lens) - lens
     lo = int(bases.min())
     span = int((bases + lens).max()) - lo
-    src = np.ctypeslib.as_array(ctypes.cast(lo, ctypes.POINTER(ctypes.c_uint8)), (span,))
+    mem = np.ctypeslib.as_array(ctypes.cast(lo, ctypes.POINTER(ctypes.c_uint8)), (span,))
     for length in np.unique(lens).tolist():
         sel = lens == length
-        rows_in = as_strided(src, shape=(span - length + 1, length), strides=(1, 1))
-        rows_out = as_strided(out, shape=(total - length + 1, length), strides=(1, 1))
-        rows_out[starts[sel]] = rows_in[bases[sel] - lo]
+        mem_rows = as_strided(mem, shape=(span - length + 1, length), strides=(1, 1))
+        flat_rows = as_strided(flat, shape=(total - length + 1, length), strides=(1, 1))
+        if to_flat:
+            flat_rows[starts[sel]] = mem_rows[bases[sel] - lo]
+        else:
+            mem_rows[bases[sel] - lo] = flat_rows[starts[sel]]
+
+
+def gather_iovec(iov: np.ndarray) -> np.ndarray:
+    """The bytes an ``IOVEC`` array describes, copied in order into one uint8 array."""
+    if iov.dtype != IOVEC or iov.ndim != 1:
+        raise ValueError("gather_iovec takes a 1-D IOVEC array")
+    out = np.empty(int(iov["len"].sum()), np.uint8)
+    _copy_iovec(iov, out, to_flat=True)
+    return out
+
+
+def scatter_iovec(iov: np.ndarray, data: np.ndarray) -> None:
+    """``data`` (the concatenation) written into the buffers ``iov`` describes."""
+    _copy_iovec(iov, data, to_flat=False)
+
+
+def truncate_iovec(iov: np.ndarray, nbytes: int) -> np.ndarray:
+    """The first ``nbytes`` of what ``iov`` describes, as an iovec."""
+    ends = np.cumsum(iov["len"].astype(np.int64))
+    last = int(np.searchsorted(ends, nbytes, side="left"))
+    out = iov[:last + 1].copy()
+    if out.size:
+        out["len"][-1] -= int(ends[last]) - nbytes if last < ends.size else 0
     return out
 
 
@@ -159,6 +189,21 @@ class TlsChannel(Channel):
 
     def send_iovec(self, iov: np.ndarray) -> None:
         self.sendall(gather_iovec(iov))
+
+    def recv_iovec(self, iov: np.ndarray) -> int:
+        """Decrypt into one buffer, then scatter it where ``iov`` points (guest RAM)."""
+        data = np.empty(int(iov["len"].sum()), np.uint8)
+        got, view = 0, data.data
+        while got < data.size:
+            n = self.recv_into(view[got:])
+            if n == 0:
+                break
+            got += n
+        if got == data.size:
+            scatter_iovec(iov, data)
+        elif got:
+            scatter_iovec(truncate_iovec(iov, got), data[:got])
+        return got
 
     def fileno(self) -> int:
         return self._s.ssl.fileno()
