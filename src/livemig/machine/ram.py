@@ -16,6 +16,7 @@ import numpy as np
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MADV_POPULATE_WRITE = 23      # Linux 5.14+
+_MADV_DONTNEED = 4
 
 TARGET_PAGE_SIZE = 4096
 TARGET_PAGE_BITS = 12
@@ -88,6 +89,16 @@ class RamBlock:
             if err != errno.EINVAL:            # EINVAL: kernel < 5.14, touch instead
                 raise OSError(err, f"preallocating guest RAM failed: {os.strerror(err)}")
             self.pages[:, 0] = 0               # a write faults each page in
+
+    def discard(self, first: int, count: int) -> None:
+        """Give pages ``[first, first + count)`` back to the kernel: they read as
+        zero again, as a fresh mapping does (MADV_DONTNEED; anonymous memory)."""
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages {first}+{count} outside RAM")
+        if count and _libc.madvise(ctypes.c_void_p(self.host_address + first * TARGET_PAGE_SIZE),
+                                   ctypes.c_size_t(count * TARGET_PAGE_SIZE),
+                                   _MADV_DONTNEED) != 0:
+            self.pages[first:first + count] = 0            # cannot happen; still zero them
 
     def resident_pages(self) -> np.ndarray:
         """One bool per page: is it backed by memory (mincore)? A page of this

@@ -25,7 +25,7 @@ from livemig.migration import savevm, tls
 from livemig.migration.errors import LoadError, MigrationError
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
-from livemig.migration.ram import RamLoadHandler
+from livemig.migration.ram import RamDirectLoad, RamLoadHandler
 from livemig.migration.return_path import DestinationReturnPath
 from livemig.migration.status import AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
@@ -33,6 +33,7 @@ from livemig.qapi.capabilities import Capabilities
 from livemig.qapi.parameters import Parameters
 from livemig.threadname import name_native_thread
 from livemig.transport import Channel, Listener, TransportError, listen
+from livemig.transport.channel import SocketChannel
 from livemig.wire import (
     LIVEMIG_HELLO,
     MULTIFD_INIT_SIZE,
@@ -303,7 +304,15 @@ class IncomingState(AnnouncesStatus):
         (bytes per second of the load thread's own work, waits excluded)."""
         assert self.channel is not None
         t0 = self.clock()
-        n = self.channel.recv_into(buf)
+        return self._count_read(t0, self.channel.recv_into(buf))
+
+    def read_iovec(self, iov) -> int:
+        """``read_into`` for a direct read: one readv into ``iov`` (some bytes)."""
+        assert self.channel is not None
+        t0 = self.clock()
+        return self._count_read(t0, self.channel.recv_iovec_some(iov))
+
+    def _count_read(self, t0: float, n: int) -> int:
         t1 = self.clock()
         self._read_blocked_s += t1 - t0
         self._read_bytes += n
@@ -375,17 +384,21 @@ class IncomingState(AnnouncesStatus):
     def _load(self) -> None:
         self.savevm = savevm.SaveVMState()
         self.global_state = GlobalStateHandler()
-        for h in (RamLoadHandler(self.machine), *self.machine.vmstate_handlers(),
-                  self.global_state):
+        ram = RamLoadHandler(self.machine)
+        for h in (ram, *self.machine.vmstate_handlers(), self.global_state):
             self.savevm.register_savevm_live(h)
         # No record of ours comes near 16 MiB (device data goes in 1 MiB chunks): a
         # hostile length is refused instead of buffered.
         dec = StreamDecoder(self.savevm.payload_kinds(), max_payload=MAX_RECORD_BYTES)
         if self._preread:
             dec.receive_data(self._preread)    # the magic multifd classification read
+        # Page runs go straight into guest RAM where the channel can scatter.
+        direct = (RamDirectLoad(self.machine.ram, ram, self.read_iovec)
+                  if isinstance(self.channel, SocketChannel) else None)
         savevm.qemu_loadvm_state(self.savevm, self, dec,
                                  machine_type=self.machine.machine_type,
-                                 uuid=self.machine.uuid_bytes, clock=self.clock)
+                                 uuid=self.machine.uuid_bytes, clock=self.clock,
+                                 direct=direct)
         self._complete()
 
     def _complete(self) -> None:

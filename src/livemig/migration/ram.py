@@ -31,9 +31,12 @@ from livemig.wire import (
     encode_ram_page_headers,
     encode_ram_pages,
     encode_ram_zero_pages,
+    placed_page_records,
 )
+from livemig.wire.constants import RAM_PAGE_STRIDE
 
 BATCH_PAGES = 1024                 # 4 MiB of pages per encode/send
+DIRECT_PAGES = 256                 # records one direct read on the destination guesses
 DOWNTIME_BATCH_PAGES = BATCH_PAGES * 4
 SCAN_PAGES = 1 << 15               # bitmap stretch scanned per lookup
 MAX_WAIT_S = 0.05                  # QEMU's MAX_WAIT: one iterate call sends at most 50 ms
@@ -326,6 +329,11 @@ class RamLoadHandler(SaveVMHandlers):
     def _zero(self, idx: np.ndarray) -> None:
         zero_pages(self.ram, idx)
 
+    def pages_placed(self, first: int, count: int) -> None:
+        """Pages a direct read put in place (``RamDirectLoad``)."""
+        self.ram.loaded[first:first + count] = True
+        self.pages_loaded += count
+
     def _check_blocks(self, event: RamBlockList) -> None:
         for name, size in event.blocks:
             if name != self.ram.idstr:
@@ -341,3 +349,86 @@ class RamLoadHandler(SaveVMHandlers):
             bad = int(offsets.max())
             raise ValueError(f"Illegal RAM offset {bad:x}")
         return offsets >> TARGET_PAGE_BITS
+
+
+class RamDirectLoad:
+    """The destination's main channel without the copy: page data read
+    straight into guest RAM (``StreamDecoder.ram_run_point``).
+
+    Where the stream is inside a run of page records, the next records are
+    guessed to continue it: one readv puts each guessed record's 8-byte header
+    into a small buffer and its 4096 data bytes into the page it would be
+    for. The headers are then checked (``placed_page_records``); records that
+    match are loaded with no copy at all. Only pages this migration has not
+    loaded yet are guessed at: they are zero (a fresh mapping), so the bytes
+    of a wrong guess are handed back to the decoder as stream bytes and those
+    pages are discarded, zero again. A wrong guess costs the copy the decoder
+    would have made anyway; it never leaves a wrong byte in RAM.
+    """
+
+    def __init__(self, ram, handler: RamLoadHandler,
+                 read_iovec: Callable[[np.ndarray], int]) -> None:
+        self.ram = ram
+        self.handler = handler
+        self.read_iovec = read_iovec        # one readv: some bytes, 0 at EOF
+        self._hdr = np.zeros((DIRECT_PAGES, 8), dtype=np.uint8)
+        self._iov = np.zeros(2 * DIRECT_PAGES, dtype=IOVEC)
+        self._iov["base"][0::2] = np.uint64(self._hdr.ctypes.data) + \
+            np.arange(DIRECT_PAGES, dtype=np.uint64) * np.uint64(8)
+        self._iov["len"][0::2] = 8
+        self._iov["len"][1::2] = TARGET_PAGE_SIZE
+        self._steps = np.arange(DIRECT_PAGES, dtype=np.uint64) << np.uint64(TARGET_PAGE_BITS)
+        self._base = np.uint64(ram.host_address)
+        self.placed = 0                     # pages placed with no copy
+        self.returned = 0                   # bytes a wrong guess handed back
+
+    def _guess(self, offset: int) -> int:
+        """How many pages from ``offset`` on may be guessed (not loaded yet)."""
+        first = offset >> TARGET_PAGE_BITS
+        ahead = self.ram.loaded[first:first + DIRECT_PAGES]
+        hit = np.flatnonzero(ahead)
+        return int(hit[0]) if hit.size else int(ahead.size)
+
+    def align(self, dec) -> int:
+        """Bytes to read so the decoder's buffer ends on a record boundary before
+        a page worth guessing, else 0 (read as usual)."""
+        partial = dec.partial_page_record()
+        if partial is None or self._guess(partial[1]) == 0:
+            return 0
+        return partial[0]
+
+    def place(self, dec) -> bool:
+        """One direct read if the decoder is at a run point; False if not."""
+        point = dec.ram_run_point()
+        if point is None or point[0] != self.ram.idstr:
+            return False
+        offset = point[1]
+        n = self._guess(offset)
+        if n == 0:
+            return False
+        iov = self._iov[:2 * n]
+        iov["base"][1::2] = self._base + np.uint64(offset) + self._steps[:n]
+        got = self.read_iovec(iov)
+        if got == 0:
+            dec.receive_data(b"")           # the end of the data
+            return True
+        first = offset >> TARGET_PAGE_BITS
+        good = placed_page_records(self._hdr[:n], got, offset)
+        if good:
+            dec.ram_pages_placed(good)
+            self.handler.pages_placed(first, good)
+            self.placed += good
+        tail = got - good * RAM_PAGE_STRIDE
+        if tail:
+            # A wrong guess or a short read: those bytes are the stream's again,
+            # in stream order (header, data, header, ...), and the pages that
+            # took them are zero again.
+            m = -(-tail // RAM_PAGE_STRIDE)
+            back = np.empty((m, RAM_PAGE_STRIDE), dtype=np.uint8)
+            back[:, :8] = self._hdr[good:good + m]
+            back[:, 8:] = self.ram.pages[first + good:first + good + m]
+            dec.receive_data(back.reshape(-1)[:tail])
+            written = -(-(tail - 8) // RAM_PAGE_STRIDE) if tail > 8 else 0
+            self.ram.discard(first + good, written)
+            self.returned += tail
+        return True

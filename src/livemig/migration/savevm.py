@@ -266,6 +266,16 @@ class LoadvmHost(LoadContext, Protocol):
         """A load checkpoint (``x-load-checkpoints``)."""
 
 
+class DirectPages(Protocol):
+    """Reads runs of page records straight into guest RAM (``ram.RamDirectLoad``)."""
+
+    def place(self, dec: StreamDecoder) -> bool:
+        """One direct read if the decoder is at a run point; False if not."""
+
+    def align(self, dec: StreamDecoder) -> int:
+        """Bytes to read first so that the next read can be direct, or 0."""
+
+
 def check_configuration(ev: Configuration, machine_type: str, uuid: bytes | None) -> None:
     """QEMU's configuration section post-load: same machine type (a prefix
     match, as QEMU's), same UUID when the source sent one."""
@@ -325,11 +335,13 @@ def _timed(into: dict[str, float], h: SaveVMHandlers, section_type: str,
 
 def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, *,
                            machine_type: str, uuid: bytes | None,
-                           clock: Callable[[], float] = time.monotonic) -> None:
+                           clock: Callable[[], float] = time.monotonic,
+                           direct: DirectPages | None = None) -> None:
     """Decode until the VM description: sections to their handlers, commands
     to :func:`loadvm_process_command`. Returns once all state is in. The
     handlers' work on their final sections is timed into ``state.final_load_s``
-    (RAM's is its load rate, measured by the host's reads)."""
+    (RAM's is its load rate, measured by the host's reads). With ``direct``,
+    runs of page records are read straight into guest RAM where it can."""
     final = state.final_load_s
     by_id: dict[int, SaveVMHandlers] = {}
     current: SaveVMHandlers | None = None
@@ -337,6 +349,13 @@ def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDeco
     while True:
         ev = dec.next_event()
         if ev is NEED_DATA:
+            if direct is not None:
+                if direct.place(dec):
+                    continue
+                need = direct.align(dec)        # end the buffer on a record boundary
+                if need:
+                    dec.buffer_updated(host.read_into(dec.get_buffer(need)[:need]))
+                    continue
             buf = dec.get_buffer(RECV_CHUNK)
             dec.buffer_updated(host.read_into(buf))      # 0: end of data
             continue
@@ -391,12 +410,13 @@ def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDeco
 
 def qemu_loadvm_state(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, *,
                       machine_type: str, uuid: bytes | None,
-                      clock: Callable[[], float] = time.monotonic) -> None:
+                      clock: Callable[[], float] = time.monotonic,
+                      direct: DirectPages | None = None) -> None:
     """Load a whole stream: the main loop, then every handler's load_complete
     (a device may still refuse: the guest must not run then), each timed into
     ``state.load_complete_s``."""
     qemu_loadvm_state_main(state, host, dec, machine_type=machine_type, uuid=uuid,
-                           clock=clock)
+                           clock=clock, direct=direct)
     for h in state.handlers:
         t0 = clock()
         try:

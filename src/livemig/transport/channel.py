@@ -61,12 +61,9 @@ _libc.readv.restype = ctypes.c_ssize_t
 
 def _iov_syscall(call: Any, iov: np.ndarray, fd_of: Any, wait: Any) -> int:
     """``call`` (readv or writev) on ``fd_of()``: EINTR retried, EAGAIN waited
-    out with ``wait()``; a negative descriptor reads as EOF (0)."""
+    out with ``wait()``."""
     while True:
-        fd = fd_of()
-        if fd < 0:
-            return 0
-        n = call(fd, iov.ctypes.data, iov.size)
+        n = call(fd_of(), iov.ctypes.data, iov.size)
         if n >= 0:
             return int(n)
         code = ctypes.get_errno()
@@ -230,8 +227,10 @@ class Channel:
             while done < total:
                 last = min(i + _IOV_MAX, count)
                 n = raw(iov[i:last])
-                if n == 0:                           # EOF (reads only)
-                    break
+                if n == 0:
+                    if writing:                      # cannot happen with bytes to write
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    break                            # EOF
                 if writing:
                     self.bytes_sent += n
                 else:
@@ -270,8 +269,22 @@ class Channel:
         """
         return self._iovec_all(iov, writing=False)
 
+    def recv_iovec_some(self, iov: np.ndarray) -> int:
+        """One scattering read into ``iov``: what is available (at least one
+        byte, blocking until then), at most all of it; 0 at EOF."""
+        if iov.dtype != IOVEC or iov.ndim != 1:
+            raise ValueError("recv_iovec_some takes a 1-D IOVEC array")
+        try:
+            n = self._readv_raw(iov[:_IOV_MAX])
+        except OSError as exc:
+            raise self._error(exc, writing=False) from exc
+        self.bytes_received += n
+        return n
+
     def _readv_raw(self, iov: np.ndarray) -> int:
         """One readv(2); retries EINTR, waits on EAGAIN; 0 at EOF or once shut down."""
+        if self._readable_fd() < 0:
+            return 0
         return _iov_syscall(_libc.readv, iov, self._readable_fd, self._wait_readable)
 
     def _readable_fd(self) -> int:

@@ -92,6 +92,7 @@ from .ram import (
     encode_ram_page_headers,
     encode_ram_pages,
     encode_ram_zero_pages,
+    placed_page_records,
 )
 from .return_path import (
     Pong,
@@ -200,6 +201,7 @@ __all__ = [
     "encode_ram_eos",
     "encode_ram_multifd_flush",
     "encode_ram_page_headers",
+    "placed_page_records",
     "encode_ram_pages",
     "encode_ram_zero_pages",
     "encode_rp_message",

@@ -240,3 +240,25 @@ def scan_continue_run(buf: npt.NDArray[np.uint8], pos: int, end: int, stride: in
         chunks.append(offs[:k])
         break
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+# --- records read straight into RAM (destination side) --------------------------------
+
+
+def placed_page_records(headers: npt.NDArray[np.uint8], got: int, first_offset: int) -> int:
+    """How many of the records read by a direct read are the ones it guessed.
+
+    The destination read ``got`` bytes laid out as records of 8 header bytes
+    (into ``headers``, shape (n, 8)) and 4096 data bytes (into guest RAM, at
+    ``first_offset + i * 4096``), guessing that each is the ``PAGE|CONTINUE``
+    record of that page. Returns the number of leading complete records whose
+    header is exactly that; the bytes after them belong to the stream again.
+    """
+    full = min(got // RAM_PAGE_STRIDE, int(headers.shape[0]))
+    if full == 0:
+        return 0
+    words = headers[:full].view(_BE64_DTYPE).reshape(full)
+    want = np.uint64(first_offset | PAGE_CONTINUE) + \
+        np.arange(full, dtype=np.uint64) * np.uint64(TARGET_PAGE_SIZE)
+    bad = np.flatnonzero(words != want)
+    return int(bad[0]) if bad.size else full

@@ -319,6 +319,9 @@ class StreamDecoder:
         self._last_block: str | None = None
         self._ram_list: _RamListProgress | None = None
         self._package_end: int | None = None   # stream offset where a PACKAGED ends
+        # Offset of the page after the last PAGE record decoded, while the next
+        # record may continue that run (see ram_run_point).
+        self._next_page: int | None = None
         # Transitions are data: each state has one reader.
         self._readers: dict[_State, Callable[[], _Result]] = {
             _State.HEADER: self._read_header,
@@ -360,6 +363,53 @@ class StreamDecoder:
     def ram_blocks(self) -> Mapping[str, int]:
         """RAM blocks of the latest MEM_SIZE record: idstr -> used_length (bytes)."""
         return dict(self._ram_blocks)
+
+    # --- RAM pages placed by the caller (the destination's direct reads) -----------------
+
+    def _in_ram_records(self) -> bool:
+        return (self._state is _State.PAYLOAD and self._section is not None
+                and self._section.kind is PayloadKind.RAM and self._ram_list is None
+                and self._package_end is None and self._error is None and not self._rb.eof)
+
+    def ram_run_point(self) -> tuple[str, int] | None:
+        """(block, offset) when every byte received is decoded, the next byte
+        begins a RAM record, and a ``PAGE|CONTINUE`` record for ``offset`` (the
+        page after the last one decoded) would continue the run: where a
+        caller may read the next records itself, page data straight into
+        RAM, then report them with ``ram_pages_placed``. None otherwise."""
+        if self._next_page is None or len(self._rb) or not self._in_ram_records():
+            return None
+        assert self._last_block is not None
+        return self._last_block, self._next_page
+
+    def ram_pages_placed(self, n: int) -> None:
+        """The caller consumed the next ``n`` records itself, each checked to be
+        ``PAGE|CONTINUE`` for the pages from ``ram_run_point()``'s offset on."""
+        point = self.ram_run_point()
+        if point is None or n <= 0:
+            raise ValueError("ram_pages_placed without a run point")
+        block, offset = point
+        end = offset + n * TARGET_PAGE_SIZE
+        if end > self._ram_blocks[block]:
+            raise ValueError("ram_pages_placed past the end of the block")
+        self._rb.base += n * RAM_PAGE_STRIDE    # consumed outside the buffer
+        self._next_page = end if end < self._ram_blocks[block] else None
+
+    def partial_page_record(self) -> tuple[int, int] | None:
+        """(bytes missing, offset after it) when the undecoded bytes are the
+        beginning of one ``PAGE|CONTINUE`` record: reading exactly the missing
+        bytes ends the buffer on a record boundary. None otherwise."""
+        rb = self._rb
+        have = len(rb)
+        if not 8 <= have < RAM_PAGE_STRIDE or not self._in_ram_records() \
+                or self._last_block is None:
+            return None
+        addr = rb.unpack(RAM_ADDR, rb.start)[0]
+        offset = addr & TARGET_PAGE_MASK
+        if addr & RAM_FLAGS_MASK != RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE or \
+                offset + TARGET_PAGE_SIZE > self._ram_blocks[self._last_block]:
+            return None
+        return RAM_PAGE_STRIDE - have, offset + TARGET_PAGE_SIZE
 
     # --- events -------------------------------------------------------------------------
 
@@ -656,6 +706,7 @@ class StreamDecoder:
 
     def _payload_done(self) -> None:
         self._state = _State.FOOTER
+        self._next_page = None
 
     def _read_blob(self) -> _Result:
         rb = self._rb
@@ -731,6 +782,7 @@ class StreamDecoder:
         kind = flags & ~RAM_SAVE_FLAG_CONTINUE
         if kind == RAM_SAVE_FLAG_PAGE:
             return self._read_ram_pages(p, offset, flags)
+        self._next_page = None
         if kind == RAM_SAVE_FLAG_ZERO:
             return self._read_ram_zero_pages(p, offset, flags)
         if kind == RAM_SAVE_FLAG_EOS:
@@ -832,6 +884,8 @@ class StreamDecoder:
         data.flags.writeable = False
         rb.start = d0 + TARGET_PAGE_SIZE + more.size * RAM_PAGE_STRIDE
         self._last_block = block
+        after = int(offsets[-1]) + TARGET_PAGE_SIZE
+        self._next_page = after if after < limit else None
         return RamPages(block, offsets, data)
 
     def _read_ram_zero_pages(self, p: int, offset: int, flags: int) -> _Result:
