@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,10 @@ from livemig.migration.ram import zero_pages
 from livemig.threadname import name_native_thread
 from livemig.transport.channel import IOVEC
 from livemig.wire import (
+    MULTIFD_MAGIC,
     MULTIFD_PACKET_PAGES,
     MULTIFD_PACKET_SIZE,
+    MULTIFD_VERSION,
     decode_multifd_packet_header,
     encode_multifd_init,
     encode_multifd_ram_packets,
@@ -44,6 +47,8 @@ QUEUE_DEPTH = 4               # batches queued per channel before the caller blo
 _SYNC = object()
 _STOP = object()
 _HEAD_LEN = np.uint64(MULTIFD_PACKET_SIZE)
+# A packet header's fields up to zero_pages, for the receiver's fast check.
+_RUN_HEAD = struct.Struct(">IIIIIIQI")
 _PAGE_BITS = np.uint64(TARGET_PAGE_BITS)
 
 
@@ -249,6 +254,7 @@ class MultifdReceiver:
         self._cond = threading.Condition()
         self._syncs = [0] * len(channels)
         self._ram_base = ram.host_address
+        self._name_bytes = ram.idstr.encode() + b"\0"     # ramblock[256], NUL-terminated
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
                                           name=f"mig/dst/recv_{i}")
                          for i in range(len(channels))]
@@ -270,11 +276,27 @@ class MultifdReceiver:
         ch = self.channels[i]
         head = np.zeros(MULTIFD_PACKET_SIZE, dtype=np.uint8)
         head_iov = np.array([(head.ctypes.data, MULTIFD_PACKET_SIZE)], dtype=IOVEC)
+        one_run = np.zeros(2, dtype=IOVEC)
+        one_run[1] = head_iov[0]
         try:
             got = ch.recv_iovec(head_iov)
             while got:                           # 0: the source closed: done
                 if got != MULTIFD_PACKET_SIZE:
                     raise ValueError(f"multifd: short packet header ({got} bytes)")
+                run = self._one_run(head)
+                if run is not None:
+                    # The common packet, checked without decoding it in full:
+                    # one run of normal pages, read with the next header.
+                    first, n, num = run
+                    one_run["base"][0] = self._ram_base + (first << TARGET_PAGE_BITS)
+                    one_run["len"][0] = n << TARGET_PAGE_BITS
+                    got = ch.recv_iovec(one_run) - (n << TARGET_PAGE_BITS)
+                    if got < 0:
+                        raise ValueError(f"multifd: packet {num} ends early "
+                                         f"({got + (n << 12)} of {n << 12} data bytes)")
+                    self.ram.loaded[first:first + n] = True
+                    self.pages += n
+                    continue
                 pkt = decode_multifd_packet_header(head)
                 normal, zero = self._pages(pkt)
                 # The offsets came first, so the data go straight into guest RAM,
@@ -306,6 +328,22 @@ class MultifdReceiver:
                     got = ch.recv_iovec(head_iov)
         except Exception as exc:  # noqa: BLE001 - reported through self.error
             self._fail(getattr(exc, "desc", None) or str(exc))
+
+    def _one_run(self, head: np.ndarray) -> tuple[int, int, int] | None:
+        """(first page, count, packet number) when ``head`` is a valid packet of normal pages
+        only, consecutive, of this RAM block, none outside it (the sender's
+        usual packet); None sends it through the full decode and its checks."""
+        magic, version, flags, alloc, normal, _next, num, zero = _RUN_HEAD.unpack_from(head.data)
+        if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero or \
+                not 0 < normal <= alloc <= MULTIFD_PACKET_PAGES or \
+                head[64:64 + len(self._name_bytes)].tobytes() != self._name_bytes:
+            return None
+        offs = np.frombuffer(head, dtype=">u8", count=normal, offset=320)
+        o0 = int(offs[0])
+        if o0 & (TARGET_PAGE_SIZE - 1) or o0 + (normal << TARGET_PAGE_BITS) > self.ram.size or \
+                (normal > 1 and not (np.diff(offs) == TARGET_PAGE_SIZE).all()):
+            return None
+        return o0 >> TARGET_PAGE_BITS, normal, num
 
     def _pages(self, pkt) -> tuple[np.ndarray, np.ndarray]:
         """A packet's (normal, zero) page numbers, checked as QEMU checks them."""
