@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CLIENT_DN = "CN=livemig-client,O=livemig tests,C=GB"   # RFC 4514, last RDN first
+# The client's DN as QEMU 10.0.2 (GnuTLS's gnutls_x509_crt_get_dn2) prints it for
+# tls-authz: the certificate's own RDN order, C first here.
+CLIENT_DN = "C=GB,O=livemig tests,CN=livemig-client"
 SERVER_NAMES = ("localhost", "127.0.0.1")
 
 
@@ -30,7 +32,7 @@ class Pki:
 
 
 def _name(cn: str, org: str = "livemig tests") -> x509.Name:
-    # ASN.1 order C, O, CN: RFC 4514 prints it reversed, "CN=...,O=...,C=GB".
+    # ASN.1 order C, O, CN (QEMU's tls-authz identity is "C=GB,O=...,CN=...").
     return x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "GB"),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])

@@ -235,7 +235,7 @@ def test_client_identity_not_in_authz(vms, pki):
         # The rule allows this client now: the same destination takes it.
         await dst.cmd("object-del", id="auth0")
         await dst.cmd("object-add", **{"qom-type": "authz-list", "id": "auth0",
-                                       "rules": [{"match": "CN=livemig-client,*",
+                                       "rules": [{"match": "C=GB,*,CN=livemig-client",
                                                   "policy": "allow", "format": "glob"}]})
         await then_correct_migration(src, dst, uri, pki)
     run_with(vms, body)

@@ -48,10 +48,10 @@ def test_gather_iovec_is_the_concatenation(entries):
     assert np.array_equal(gather_iovec(iov), expected)
 
 
-def test_peer_name_is_rfc4514_last_rdn_first():
+def test_peer_name_is_qemus_gnutls_spelling():
     cert = {"subject": ((("countryName", "GB"),), (("organizationName", "A, B+C"),),
                         (("commonName", " x#"), ("userId", "7")))}
-    assert peer_name(cert) == "CN=\\ x#+UID=7,O=A\\, B\\+C,C=GB"
+    assert peer_name(cert) == "C=GB,O=A\\, B\\+C,CN=\\ x#+UID=7"
 
 
 def test_psk_file(tmp_path):

@@ -3,11 +3,14 @@
 ``tls-creds`` (empty: off) names a ``tls-creds-*`` object whose endpoint is
 ``client`` on the source and ``server`` on the destination; the source
 checks the server's certificate against ``tls-hostname`` or else the host
-of a ``tcp:`` URI; the destination, when its credentials verify the peer,
-takes the client certificate's distinguished name (RFC 4514, as GnuTLS's
-``gnutls_x509_crt_get_dn2`` prints it: last RDN first, ``CN=...,O=...``) to
-the ``tls-authz`` object. The main channel, its return path (the same TLS
-stream) and every multifd channel go through :func:`tls_client` /
+of a ``tcp:`` URI (none: ``No hostname for certificate validation`` when it
+verifies, QEMU 10's text; QEMU says it after the handshake, livemig before); the destination, when its credentials verify the peer,
+takes the client certificate's distinguished name to the ``tls-authz``
+object, spelled as QEMU 10.0.2's GnuTLS (``gnutls_x509_crt_get_dn2``) spells
+it: RFC 4514 escapes, but the RDNs in the certificate's own order
+(``C=GB,O=Example,CN=host``: checked against QEMU in
+tests/e2e/test_tls_qemu_interop.py). The main channel, its return path (the
+same TLS stream) and every multifd channel go through :func:`tls_client` /
 :func:`tls_server`. A failed check is a ``TransportError`` in QEMU's words.
 """
 
@@ -29,7 +32,9 @@ from livemig.transport.tls import TlsChannel
 NO_CREDS: Final = "No TLS credentials with id '%s'"
 NOT_CREDS: Final = "Object with id '%s' is not TLS credentials"
 WRONG_ENDPOINT: Final = "Expected TLS credentials for a %s endpoint"
-NO_HOSTNAME: Final = "No hostname available for TLS"
+# QEMU 10 dropped migration/tls.c's "No hostname available for TLS": the session's
+# certificate check says this instead (crypto/tlssession.c), for a verifying client.
+NO_HOSTNAME: Final = "No hostname for certificate validation"
 AUTHZ_DENIED: Final = "TLS x509 authz check for %s is denied"
 HOSTNAME_MISMATCH: Final = "Certificate does not match the hostname %s"
 NO_PEER_CERT: Final = "No certificate peers"
@@ -93,9 +98,10 @@ def _dn_escape(value: str) -> str:
 
 
 def peer_name(cert: dict[str, Any]) -> str:
-    """The subject of ``getpeercert()``'s answer as an RFC 4514 string (GnuTLS's form)."""
+    """The subject of ``getpeercert()``'s answer as QEMU's GnuTLS prints it: RFC 4514
+    attribute spelling and escapes, RDNs in the certificate's order (not reversed)."""
     rdns = []
-    for rdn in reversed(cert.get("subject", ())):
+    for rdn in cert.get("subject", ()):
         rdns.append("+".join(f"{_DN_NAMES.get(key, key)}={_dn_escape(value)}"
                              for key, value in rdn))
     return ",".join(rdns)
@@ -137,11 +143,11 @@ def _handshake(ssock: ssl.SSLSocket, timeout: float | None, hostname: str | None
 def tls_client(channel: Channel, creds: QCryptoTLSCreds, hostname: str | None,
                timeout: float | None = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
     """The source's side: handshake, the server's certificate and hostname checked."""
-    if not hostname:
+    if not hostname and creds.verify_peer:
         channel.close()
         raise TransportError(NO_HOSTNAME)
     sock = _take_socket(channel)
-    ssock = creds.context.wrap_socket(sock, server_hostname=hostname,
+    ssock = creds.context.wrap_socket(sock, server_hostname=hostname or None,
                                       do_handshake_on_connect=False)
     _handshake(ssock, timeout, hostname)
     return TlsChannel(ssock)
