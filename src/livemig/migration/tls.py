@@ -1,17 +1,19 @@
 """Migration over TLS, QEMU's ``migration/tls.c`` and ``crypto/tlssession.c`` checks.
 
 ``tls-creds`` (empty: off) names a ``tls-creds-*`` object whose endpoint is
-``client`` on the source and ``server`` on the destination; the source
-checks the server's certificate against ``tls-hostname`` or else the host
-of a ``tcp:`` URI (none: ``No hostname for certificate validation`` when it
+``client`` on the source and ``server`` on the destination. The source
+checks the server's certificate against ``tls-hostname``, else the host of
+a ``tcp:`` URI (none: ``No hostname for certificate validation`` when it
 verifies, QEMU 10's text; QEMU says it after the handshake, livemig
-before); the destination, when its credentials verify the peer, takes
-the client certificate's distinguished name to the ``tls-authz`` object, spelled as QEMU 10.0.2's GnuTLS (``gnutls_x509_crt_get_dn2``) spells
-it: RFC 4514 escapes, but the RDNs in the certificate's own order
-(``C=GB,O=Example,CN=host``: checked against QEMU in
-tests/e2e/test_tls_qemu_interop.py). The main channel, its return path (the
-same TLS stream) and every multifd channel go through :func:`tls_client` /
-:func:`tls_server`. A failed check is a ``TransportError`` in QEMU's words.
+before). The destination, when its credentials verify the peer, hands the
+client certificate's distinguished name to the ``tls-authz`` object,
+spelled as QEMU 10.0.2's GnuTLS (``gnutls_x509_crt_get_dn2``) spells it:
+RFC 4514 escapes, but the RDNs in the certificate's own order
+(``C=GB,O=Example,CN=host``; checked against QEMU in
+tests/e2e/test_tls_qemu_interop.py). The main channel, its return path
+(the same TLS stream) and every multifd channel go through
+:func:`tls_client` / :func:`tls_server`. A failed check is a
+``TransportError`` in QEMU's words.
 """
 
 from __future__ import annotations
