@@ -79,7 +79,7 @@ def send(ch, npages: int) -> None:
     ch.sendall(encode_ram_eos() + encode_footer(0) + encode_eof() + encode_vmdesc(b"{}"))
 
 
-def one(npages: int, direct: bool, prealloc: bool) -> tuple[float, float, float]:
+def one(npages: int, direct: bool, prealloc: bool) -> tuple[float, float, float, float]:
     a, b = Channel.socketpair()
     pid = os.fork()
     if pid == 0:
@@ -106,16 +106,17 @@ def one(npages: int, direct: bool, prealloc: bool) -> tuple[float, float, float]
     placed = reader.placed / npages if reader else 0.0
     ram.close()
     gb = npages * 4104 / 1e9
-    return (r1.ru_utime - r0.ru_utime) / gb, (r1.ru_stime - r0.ru_stime) / gb, placed
+    return ((r1.ru_utime - r0.ru_utime) / gb, (r1.ru_stime - r0.ru_stime) / gb, placed,
+            gb * 1000 / (t1 - t0))
 
 
 def main(a: argparse.Namespace) -> None:
     npages = a.ram_mib * 256
     for rep in range(a.reps):
         for direct in (False, True):
-            user, system, placed = one(npages, direct, a.mem_prealloc)
+            user, system, placed, mbps = one(npages, direct, a.mem_prealloc)
             print(f"rep {rep} {'direct' if direct else 'copy  '}: user {user:.3f} "
-                  f"sys {system:.3f} total {user + system:.3f} s/GB"
+                  f"sys {system:.3f} total {user + system:.3f} s/GB, {mbps:.0f} MB/s wall"
                   + (f" ({placed:.1%} of pages placed directly)" if direct else ""))
 
 
