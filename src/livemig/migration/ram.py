@@ -34,6 +34,7 @@ from livemig.wire import (
     placed_page_records,
 )
 from livemig.wire.constants import RAM_PAGE_STRIDE
+from livemig.wire.ram import PAGE_CONTINUE
 
 BATCH_PAGES = 1024                 # 4 MiB of pages per encode/send
 DIRECT_PAGES = 256                 # records one direct read on the destination guesses
@@ -397,6 +398,38 @@ class RamDirectLoad:
             return 0
         return partial[0]
 
+    def _fill(self, base: int, length: int) -> int:
+        """Read exactly ``length`` bytes to ``base``; fewer only at EOF."""
+        one = np.array([(base, length)], dtype=IOVEC)
+        done = 0
+        while done < length:
+            one["base"][0], one["len"][0] = base + done, length - done
+            n = self.read_iovec(one)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def _complete_record(self, got: int, n: int, offset: int) -> int:
+        """A read that ended inside a guessed record: finish that record where it
+        goes (its 8-byte header, then, if it is the guessed page's, the rest
+        of its data), so a short read costs no hand-back and no discard. Safe
+        to wait for: every RAM record starts with 8 bytes, and a PAGE record
+        has its 4096 data bytes."""
+        i, rem = divmod(got, RAM_PAGE_STRIDE)
+        if not rem or i >= n:
+            return got
+        if rem < 8:
+            more = self._fill(self._hdr.ctypes.data + i * 8 + rem, 8 - rem)
+            got, rem = got + more, rem + more
+            if rem < 8:
+                return got                  # the data ended: the decoder says so
+        want = (offset + i * TARGET_PAGE_SIZE) | PAGE_CONTINUE
+        if int.from_bytes(self._hdr[i].tobytes(), "big") != want:
+            return got                      # not the guessed record: handed back
+        page = int(self._base) + offset + i * TARGET_PAGE_SIZE
+        return got + self._fill(page + rem - 8, RAM_PAGE_STRIDE - rem)
+
     def place(self, dec) -> bool:
         """One direct read if the decoder is at a run point; False if not."""
         point = dec.ram_run_point()
@@ -412,6 +445,7 @@ class RamDirectLoad:
         if got == 0:
             dec.receive_data(b"")           # the end of the data
             return True
+        got = self._complete_record(got, n, offset)
         first = offset >> TARGET_PAGE_BITS
         good = placed_page_records(self._hdr[:n], got, offset)
         if good:
