@@ -34,6 +34,15 @@ from livemig.machine.kvm import KvmAccelerator, walk_bios_image
 from livemig.machine.kvm_vmstate import apic_values, ioapic_values, kvm_ioapic, lapic_regs
 from livemig.machine.ram import RamBlock
 from livemig.machine.serial import Serial
+from livemig.wire import (
+    NEED_DATA,
+    Closed,
+    PayloadKind,
+    SectionFull,
+    StreamDecoder,
+    VmDescription,
+    VMStateRecord,
+)
 from livemig.wire.vmstate.codec import VMStateDescription
 from livemig.wire.vmstate.microvm import (
     MICROVM_SECTIONS,
@@ -245,3 +254,32 @@ def test_qemus_apic_ioapic_and_clock_load_into_livemigs_kvm(streams, tmp_path):
         accel.close()
         serial.close()
         ram.close()
+
+
+@pytest.mark.parametrize("kind", ["stopped, serial", "live, no serial"])
+def test_livemigs_stream_decoder_reads_the_whole_qemu_stream(streams, kind):
+    """StreamDecoder with ``ram`` as RAM and every microvm device as VMSTATE
+    reads QEMU's stream from header to VM description, fed 1 MiB at a time,
+    and gives each section's values as decode_section does."""
+    data = streams[kind]
+    kinds = {"ram": PayloadKind.RAM, **{n: PayloadKind.VMSTATE for n in MICROVM_SECTIONS}}
+    dec = StreamDecoder(kinds, vmstate=MICROVM_SECTIONS)
+    got: dict[tuple[str, int], dict[str, Any]] = {}
+    instance: dict[int, int] = {}
+    last: dict[str, int] = {}
+    seen_vmdesc = False
+    step = 1 << 20
+    for i in range(0, len(data) + 1, step):
+        dec.receive_data(data[i:i + step])      # the last one is b"": end of data
+        while (ev := dec.next_event()) is not NEED_DATA:
+            if isinstance(ev, SectionFull):
+                instance[ev.section_id] = ev.instance_id
+                last[ev.idstr] = ev.section_id
+            elif isinstance(ev, VMStateRecord):
+                got[(ev.idstr, instance[last[ev.idstr]])] = ev.values
+            elif isinstance(ev, VmDescription):
+                seen_vmdesc = True
+            elif isinstance(ev, Closed):
+                break
+    assert seen_vmdesc
+    assert got == _section_values(data)

@@ -54,6 +54,7 @@ from .events import (
     TaggedData,
     TaggedEnd,
     VmDescription,
+    VMStateRecord,
 )
 from .global_state import (
     GLOBAL_STATE_FIELDS,
@@ -186,6 +187,7 @@ __all__ = [
     "TaggedData",
     "TaggedEnd",
     "VfioMigFlag",
+    "VMStateRecord",
     "VmDescription",
     "WireError",
     "XError",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -221,8 +221,18 @@ class Blob:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class VMStateRecord:
+    """A VMSTATE payload decoded field by field (livemig.wire.vmstate.codec
+    values: QEMU's field names, subsections by name)."""
+
+    idstr: str
+    version_id: int
+    values: dict[str, Any]
+
+
 StreamEvent: TypeAlias = (
     Header | Configuration | Command | SectionStart | SectionPart | SectionEnd | SectionFull
     | SectionFooter | Eof | VmDescription | Closed | RamBlockList | RamPages | RamZeroPages
-    | RamEos | RamMultifdFlush | TaggedData | TaggedEnd | Blob | GlobalStateRecord
+    | RamEos | RamMultifdFlush | TaggedData | TaggedEnd | Blob | GlobalStateRecord | VMStateRecord
 )

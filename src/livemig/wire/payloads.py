@@ -32,6 +32,7 @@ class PayloadKind(enum.Enum):
     TAGGED = "tagged"
     BLOB = "blob"
     GLOBALSTATE = "globalstate"
+    VMSTATE = "vmstate"     # a QEMU device's VMState payload, walked by its description
 
 
 TAGGED_END_TAGS = frozenset({VfioMigFlag.END_OF_STATE, VfioMigFlag.DEV_INIT_DATA_SENT})

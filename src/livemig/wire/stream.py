@@ -86,6 +86,7 @@ from .events import (
     TaggedData,
     TaggedEnd,
     VmDescription,
+    VMStateRecord,
 )
 from .global_state import GLOBAL_STATE_SIZE, decode_global_state
 from .payloads import (
@@ -107,6 +108,8 @@ from .ram import (
     encode_ram_zero_pages,
     scan_continue_run,
 )
+from .vmstate.codec import VMStateDescription, VMStateError, VMStateTruncated
+from .vmstate.codec import decode as decode_vmstate
 
 __all__ = [
     "StreamDecoder",
@@ -250,6 +253,7 @@ class _Section:
     section_id: int
     idstr: str
     kind: PayloadKind
+    version_id: int = 0
 
 
 @dataclass
@@ -299,20 +303,25 @@ class StreamDecoder:
     """
 
     def __init__(self, payload_kinds: Mapping[str, PayloadKind], *,
+                 vmstate: Mapping[str, VMStateDescription] | None = None,
                  max_payload: int = DEFAULT_MAX_PAYLOAD,
                  expect_configuration: bool = True,
                  section_footers: bool = True,
                  buffer_size: int = DEFAULT_CAPACITY) -> None:
         self._kinds = dict(payload_kinds)
+        self._vmstate = dict(vmstate or {})
         for idstr, kind in self._kinds.items():
             if not isinstance(kind, PayloadKind):
                 raise TypeError(f"payload kind for {idstr!r} must be a PayloadKind")
+            if kind is PayloadKind.VMSTATE and idstr not in self._vmstate:
+                raise TypeError(f"VMSTATE section {idstr!r} needs its VMState description")
         self._max_payload = max_payload
         self._expect_configuration = expect_configuration
         self._section_footers = section_footers
         self._rb = ReceiveBuffer(buffer_size)
         self._state = _State.HEADER
         self._error: StreamError | None = None
+        self._versions: dict[int, int] = {}  # stream section id -> its version_id
         self._sections: dict[int, tuple[str, PayloadKind]] = {}  # stream section id ->
         self._section: _Section | None = None
         self._ram_blocks: dict[str, int] = {}  # idstr -> used_length (bytes)
@@ -337,6 +346,7 @@ class StreamDecoder:
             PayloadKind.TAGGED: self._read_tagged,
             PayloadKind.BLOB: self._read_blob,
             PayloadKind.GLOBALSTATE: self._read_global_state,
+            PayloadKind.VMSTATE: self._read_vmstate,
         }
 
     # --- feeding ------------------------------------------------------------------------
@@ -575,6 +585,7 @@ class StreamDecoder:
         if kind is None:
             raise self._err(unknown_section_text(idstr, instance_id), p, idstr)
         self._sections[section_id] = (idstr, kind)
+        self._versions[section_id] = version_id
         self._enter_section(section_id, idstr, kind)
         rb.start = p + head.size + ln + SECTION_FULL_HEADER_TAIL.size
         if t == SectionType.SECTION_START:
@@ -597,7 +608,7 @@ class StreamDecoder:
         return SectionEnd(section_id, idstr)
 
     def _enter_section(self, section_id: int, idstr: str, kind: PayloadKind) -> None:
-        self._section = _Section(section_id, idstr, kind)
+        self._section = _Section(section_id, idstr, kind, self._versions.get(section_id, 0))
         self._state = _State.PAYLOAD
 
     def _read_command(self, p: int) -> _Result:
@@ -740,6 +751,22 @@ class StreamDecoder:
         rb.start = p + GLOBAL_STATE_SIZE
         self._payload_done()
         return record
+
+    def _read_vmstate(self) -> _Result:
+        """A device's fields and subsections (wire.vmstate.codec); where they end
+        shows only once the byte after them is here (or the data ended)."""
+        assert self._section is not None
+        sec, rb = self._section, self._rb
+        try:
+            values, end = decode_vmstate(self._vmstate[sec.idstr], rb.view[:rb.end], rb.start,
+                                         sec.version_id, complete=rb.eof)
+        except VMStateTruncated:
+            return NEED_DATA        # at the end of data: the truncation error of next_event
+        except VMStateError as exc:
+            raise self._err(exc.message, exc.offset) from None
+        rb.start = end
+        self._payload_done()
+        return VMStateRecord(sec.idstr, sec.version_id, values)
 
     def _read_tagged(self) -> _Result:
         rb = self._rb

@@ -123,8 +123,7 @@ def sub(values: Mapping[str, Any], desc: VMStateDescription) -> Mapping[str, Any
     got = values.get(desc.name)
     if got is not None:
         return got
-    return {f.name: desc.defaults.get(f.name, _zero(f)) for f in desc.fields
-            if f.kind != "unused_buffer"}
+    return default_values(desc)
 
 
 def _zero(f: VMStateField) -> Any:
@@ -143,9 +142,10 @@ def _zero(f: VMStateField) -> Any:
 
 
 def default_values(desc: VMStateDescription) -> Values:
-    """Zeros (and ``defaults``) for every field; no subsections."""
+    """Zeros (and ``defaults``) for every field of the current version; no
+    subsections."""
     return {f.name: desc.defaults.get(f.name, _zero(f)) for f in desc.fields
-            if f.kind != "unused_buffer"}
+            if f.kind != "unused_buffer" and f.present(desc.version_id)}
 
 
 def is_needed(desc: VMStateDescription, values: Mapping[str, Any], config: Any) -> bool:
