@@ -65,7 +65,7 @@ async def main(a: argparse.Namespace) -> None:
                     continue
                 du, ds = user - before[side][tid][1], system - before[side][tid][2]
                 busy = (du + ds) / (t1 - t0)
-                if busy < 0.05:
+                if busy < a.min_busy:
                     continue
                 vcpu = side == "src" and (name.startswith("CPU ") or name == "vcpu0")
                 label = "  (vCPU: runs the guest)" if vcpu else ""
@@ -80,6 +80,8 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--after-sync", type=int, default=2,
                    help="start measuring at this dirty sync (1: from the first pass on)")
+    p.add_argument("--min-busy", type=float, default=0.05,
+                   help="leave out threads busy less than this share of a core")
     p.add_argument("--multifd", type=int, default=0, metavar="CHANNELS",
                    help="migrate with the multifd capability and this many channels")
     asyncio.run(main(p.parse_args()))
