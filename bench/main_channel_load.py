@@ -36,36 +36,8 @@ from livemig.wire import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from loadvm_hosts import ChannelHost, RamMachine  # noqa: E402
 from streams import QEMU_MACHINE, ram_stream_start, section  # noqa: E402
-
-
-class Host:
-    def __init__(self, ch) -> None:
-        self.ch = ch
-
-    def read_into(self, buf) -> int:
-        return self.ch.recv_into(buf)
-
-    def read_iovec(self, iov) -> int:
-        return self.ch.recv_iovec_some(iov)
-
-    def switchover_ack_enabled(self) -> bool:
-        return False
-
-    def approve_switchover(self, handler) -> None: ...
-    def open_return_path(self) -> None: ...
-    def has_return_path(self) -> bool:
-        return False
-    def send_pong(self, value: int) -> None: ...
-    def set_switchover_ack_pending(self, count: int) -> None: ...
-    def set_device_cost(self, ms: float) -> None: ...
-    def multifd_recv_sync_main(self) -> None: ...
-    def mark(self, name: str) -> None: ...
-
-
-class Machine:
-    def __init__(self, ram) -> None:
-        self.ram = ram
 
 
 def send(ch, npages: int) -> None:
@@ -93,11 +65,11 @@ def one(npages: int, direct: bool, prealloc: bool) -> tuple[float, float, float,
     if prealloc:
         ram.prealloc()
     state = savevm.SaveVMState()
-    handler = RamLoadHandler(Machine(ram))
+    handler = RamLoadHandler(RamMachine(ram))
     state.register_savevm_live(handler)
     reader = RamDirectLoad(ram, handler, b.recv_iovec_some) if direct else None
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    savevm.qemu_loadvm_state(state, Host(b), StreamDecoder(state.payload_kinds()),
+    savevm.qemu_loadvm_state(state, ChannelHost(b), StreamDecoder(state.payload_kinds()),
                              machine_type=QEMU_MACHINE, uuid=None, direct=reader)
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     os.waitpid(pid, 0)

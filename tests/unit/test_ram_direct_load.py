@@ -33,43 +33,12 @@ from livemig.wire import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadvm_hosts import ChannelHost, RamMachine  # noqa: E402
 from streams import QEMU_MACHINE, ram_stream_start, section  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
 NPAGES = 2 * DIRECT_PAGES + 37
-
-
-class _Machine:
-    def __init__(self, ram: RamBlock) -> None:
-        self.ram = ram
-
-
-class _Host:
-    """A LoadvmHost reading from a channel, at most ``max_read`` bytes a read
-    (the network hands over what has arrived, rarely the whole stream)."""
-
-    def __init__(self, ch, max_read: int) -> None:
-        self.ch, self.max_read = ch, max_read
-
-    def read_into(self, buf) -> int:
-        return self.ch.recv_into(buf[:self.max_read])
-
-    def read_iovec(self, iov) -> int:
-        return self.ch.recv_iovec_some(iov)
-
-    def switchover_ack_enabled(self) -> bool:
-        return False
-
-    def approve_switchover(self, handler) -> None: ...
-    def open_return_path(self) -> None: ...
-    def has_return_path(self) -> bool:
-        return False
-    def send_pong(self, value: int) -> None: ...
-    def set_switchover_ack_pending(self, count: int) -> None: ...
-    def set_device_cost(self, ms: float) -> None: ...
-    def multifd_recv_sync_main(self) -> None: ...
-    def mark(self, name: str) -> None: ...
 
 
 def _stream(rounds, rng, garbage: bool) -> bytes:
@@ -115,12 +84,13 @@ def _load(stream: bytes, chunks: list[int], direct: bool, max_read: int = 1 << 1
     t = threading.Thread(target=send, daemon=True)
     t.start()
     state = savevm.SaveVMState()
-    handler = RamLoadHandler(_Machine(ram))
+    handler = RamLoadHandler(RamMachine(ram))
     state.register_savevm_live(handler)
     reader = RamDirectLoad(ram, handler, b.recv_iovec_some) if direct else None
     error = None
     try:
-        savevm.qemu_loadvm_state(state, _Host(b, max_read), StreamDecoder(state.payload_kinds()),
+        savevm.qemu_loadvm_state(state, ChannelHost(b, max_read),
+                                 StreamDecoder(state.payload_kinds()),
                                  machine_type=QEMU_MACHINE, uuid=None, direct=reader)
     except (LoadError, StreamError, ValueError) as exc:
         error = str(exc)

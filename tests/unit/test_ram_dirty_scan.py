@@ -6,6 +6,9 @@ by [249, 252, 249, 252])."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,17 +18,12 @@ from livemig.machine.ram import RamBlock
 from livemig.migration.ram import RamLoadHandler, RamSaveHandler
 from livemig.wire import RamPages
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadvm_hosts import RamMachine  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 NPAGES = 256
-
-
-class _Machine:
-    def __init__(self, ram: RamBlock) -> None:
-        self.ram = ram
-
-    def is_running(self) -> bool:
-        return True
 
 
 @settings(max_examples=200, deadline=None)
@@ -37,7 +35,7 @@ def test_next_dirty_takes_each_page_once(dirty, cursor, limit, scan):
     old = ram_mod.SCAN_PAGES
     ram_mod.SCAN_PAGES = scan
     try:
-        h = RamSaveHandler(_Machine(ram), on_sync=lambda n: None)
+        h = RamSaveHandler(RamMachine(ram), on_sync=lambda n: None)
         h.bitmap[dirty] = True
         h._cursor = cursor
         taken = h._next_dirty(limit)
@@ -55,7 +53,7 @@ def test_next_dirty_takes_each_page_once(dirty, cursor, limit, scan):
 def test_load_places_repeated_offsets_as_their_headers_say():
     ram = RamBlock("pc.ram", NPAGES * 4096)
     try:
-        load = RamLoadHandler(_Machine(ram))
+        load = RamLoadHandler(RamMachine(ram))
         pages = np.array([249, 252, 249, 252])
         data = np.zeros((4, 4096), np.uint8)
         data[:, 0] = [1, 2, 3, 4]

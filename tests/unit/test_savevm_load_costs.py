@@ -19,6 +19,7 @@ from livemig.wire import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadvm_hosts import QuietHost  # noqa: E402
 from streams import QEMU_MACHINE, preamble, section  # noqa: E402
 
 
@@ -51,7 +52,7 @@ class Device(SaveVMHandlers):
         self.clock.t += self.complete_s
 
 
-class Host:
+class Host(QuietHost):
     """A LoadvmHost over bytes in memory; every read costs 1 s of virtual time,
     which no device's figure may include."""
 
@@ -65,18 +66,6 @@ class Host:
         buf[:n] = self.data[:n]
         self.data = self.data[n:]
         return n
-
-    def switchover_ack_enabled(self) -> bool:
-        return False
-
-    def approve_switchover(self, handler) -> None: ...
-    def open_return_path(self) -> None: ...
-    def has_return_path(self) -> bool:
-        return False
-    def send_pong(self, value: int) -> None: ...
-    def set_switchover_ack_pending(self, count: int) -> None: ...
-    def set_device_cost(self, ms: float) -> None: ...
-    def multifd_recv_sync_main(self) -> None: ...
 
     def mark(self, name: str) -> None:
         self.marks.append(name)
