@@ -42,6 +42,7 @@ class Scenario:
     devices: tuple[str, ...] = ()
     livemig_only: bool = False       # QEMU has no accel device
     max_bandwidth: int = 0           # bytes/s, 0 = unlimited
+    tls: bool = False                # x509 TLS on every channel, same creds for both engines
 
 
 ACCEL_DEVICE = "accel,id=acc0,size=64M,init-size=4M,prepare-ms=400"
@@ -65,6 +66,10 @@ SCENARIOS: dict[str, Scenario] = {
     "2G-1G-autoconverge": Scenario("2G", "1G", 300, ("auto-converge",),
                                    max_bandwidth=200 << 20),
     "2G-1G-rp-dl300": Scenario("2G", "1G", 300, ("return-path",)),
+    # TLS (issue 14): the same x509 directories for both engines (make_x509_dirs).
+    "512M-100M-multifd4": Scenario("512M", "100M", 300, ("multifd",), 4),
+    "512M-100M-tls": Scenario("512M", "100M", 300, tls=True),
+    "512M-100M-tls-multifd4": Scenario("512M", "100M", 300, ("multifd",), 4, tls=True),
     # The contract measured (issue 12): with a return path the destination reports
     # its costs and the source waits for its SHUT; paced walks at both limits.
     **{f"2G-1G-p{pct}-rp-dl{dl}": Scenario("2G", "1G", dl, ("return-path",), pace_pct=pct)
@@ -115,12 +120,44 @@ def walk_image(path: str, walk_end: str, *, tick: int = 0, pace: int = 0) -> str
     return path
 
 
+def make_x509_dirs(workdir: str) -> tuple[str, str]:
+    """QEMU-layout x509 directories (server, client) for 127.0.0.1, made with the
+    openssl CLI in ``workdir`` (a CA, then a server and a client certificate)."""
+    import shutil
+    import subprocess
+    root = os.path.join(workdir, "pki")
+    server, client = os.path.join(root, "server"), os.path.join(root, "client")
+    for d in (server, client):
+        os.makedirs(d, exist_ok=True)
+    ca_key, ca_cert = os.path.join(root, "ca-key.pem"), os.path.join(server, "ca-cert.pem")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "2",
+            "-subj", "/CN=livemig bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    shutil.copyfile(ca_cert, os.path.join(client, "ca-cert.pem"))
+    for d, role, usage in ((server, "server", "serverAuth"), (client, "client", "clientAuth")):
+        key, csr = os.path.join(d, f"{role}-key.pem"), os.path.join(root, f"{role}.csr")
+        ext = os.path.join(root, f"{role}.ext")
+        with open(ext, "w") as text:
+            text.write(f"subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n"
+                       "basicConstraints=CA:FALSE\n")
+        openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN=livemig bench {role}")
+        openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key,
+                "-CAcreateserial", "-days", "2", "-out", os.path.join(d, f"{role}-cert.pem"),
+                "-extfile", ext)
+    return server, client
+
+
 @asynccontextmanager
 async def walk_pair(engine: str, ram: str, walk_end: str, workdir: str, *,
                     image: str | None = None, accel: str = "kvm", caps: tuple[str, ...] = (),
                     channels: int = 0, downtime_limit: int = 300, mem_prealloc: bool = False,
                     names: tuple[str, str] = ("src", "dst"), tick: int = 0, pace: int = 0,
                     devices: tuple[str, ...] = (), max_bandwidth: int = 0,
+                    tls: tuple[str, str] | None = None,
                     ) -> AsyncIterator[tuple[Vm, Vm, str]]:
     """A source and a destination of one engine running the walk guest, ready to
     migrate: capabilities (``events`` plus ``caps``) on both, ``max-bandwidth``
@@ -128,6 +165,8 @@ async def walk_pair(engine: str, ram: str, walk_end: str, workdir: str, *,
     the walk past its first pass on the source (the last page's first byte
     turns non-zero: the same signal on both engines). Yields (src, dst, uri);
     quits both after. QEMU runs with named threads (``debug-threads=on``).
+    ``tls``: (server dir, client dir): ``tls-creds-x509`` objects and ``tls-creds``
+    on both sides, the same files for either engine.
     ``tick``: the guest ticks on a serial socket each VM's observer reads
     (``Vm.serial``), for the guest-visible downtime; ``pace`` slows the walk."""
     image = image or walk_image(os.path.join(workdir, "walk.img"), walk_end, tick=tick,
@@ -152,6 +191,11 @@ async def walk_pair(engine: str, ram: str, walk_end: str, workdir: str, *,
             if channels:
                 await vm.set_params(multifd_channels=channels)
         await src.set_params(max_bandwidth=max_bandwidth, downtime_limit=downtime_limit)
+        if tls is not None:
+            for vm, endpoint, directory in ((dst, "server", tls[0]), (src, "client", tls[1])):
+                await vm.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0",
+                                              "endpoint": endpoint, "dir": directory})
+                await vm.set_params(**{"tls-creds": "tls0"})
         await dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
         await src.wait_booted()
@@ -183,6 +227,7 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
                          caps=sc.caps, channels=sc.channels, downtime_limit=sc.downtime_limit,
                          mem_prealloc=mem_prealloc, tick=TICK_PAGES, pace=pace,
                          devices=sc.devices, max_bandwidth=sc.max_bandwidth,
+                         tls=make_x509_dirs(workdir) if sc.tls else None,
                          names=(f"{engine}-src-{rep}", f"{engine}-dst-{rep}"),
                          ) as (src, dst, uri):
         assert src.serial is not None and dst.serial is not None
