@@ -67,7 +67,8 @@ def test_global_properties_match_reference_table() -> None:
 
 def test_implemented_set() -> None:
     assert IMPLEMENTED == {"events", "return-path", "switchover-ack", "pause-before-switchover",
-                           "validate-uuid", "multifd", "zero-blocks", "auto-converge"}
+                           "validate-uuid", "multifd", "zero-blocks", "auto-converge",
+                           "late-block-activate"}
 
 
 # --- migrate_caps_check rules, each with QEMU's text ------------------------------------

@@ -23,7 +23,7 @@ class FakeVm:
         self.started: list[Any] = []
         self.bandwidth_applied = 0
         self.machine = SimpleNamespace(runstate=RunState.INMIGRATE)
-        self.opts = SimpleNamespace(add_fds=())       # no -add-fd
+        self.opts = SimpleNamespace(add_fds=(), machine="livemig-pc-10.0", cpu="max")  # no -add-fd
         self.source = SimpleNamespace(is_running=lambda: False,
                                       apply_max_bandwidth=self._apply_bw)
         self.incoming = SimpleNamespace(started=False, start=self._start)

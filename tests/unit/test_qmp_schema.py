@@ -39,6 +39,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
     # query-commands lists object-add before object-del: the second deletes the first's.
     "object-add": {"qom-type": "authz-simple", "id": "sample", "identity": "CN=x"},
     "object-del": {"id": "sample"},
+    # What libvirt asks (qmp/manager.py).
+    "qom-list-types": {}, "qom-list-properties": {"typename": "accel"},
+    "device-list-properties": {"typename": "accel"}, "qom-list": {"path": "/machine"},
+    "qom-get": {"path": "/machine", "property": "type"}, "query-cpu-definitions": {},
+    "query-command-line-options": {}, "query-chardev": {}, "query-hotpluggable-cpus": {},
+    "query-iothreads": {}, "query-named-block-nodes": {"flat": True}, "query-block": {},
+    "system_powerdown": {}, "system_reset": {},
 }
 # Commands not called here, and why (a new command must be added to one of the two).
 NO_SAMPLE = {

@@ -7,12 +7,14 @@ and runs the asyncio loop on the main thread until ``quit`` or a signal.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import signal
 import sys
 
 from livemig import QEMU_VERSION, __version__
+from livemig.cli.daemon import PidFile, PidFileError, os_daemonize, setup_post
 from livemig.cli.run_options import (
     OptionError,
     RunOptions,
@@ -49,7 +51,7 @@ class VmProcess:
         except QapiError as exc:
             raise OptionError(exc.desc) from None
         for warning in [*opts.warnings, *warnings]:
-            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            report(f"warning: {warning}")
         if opts.cpu == "host" and choose_accelerator(opts.accel) != "kvm":
             raise OptionError("CPU model 'host' requires KVM or HVF")
         # Chardevs not served by QMP, in command-line order as QEMU creates them:
@@ -87,11 +89,20 @@ class VmProcess:
                 ram_size=opts.ram_size, accel=opts.accel, guest=opts.guest,
                 serial_path=opts.serial, serial=serial, devices=opts.devices, name=opts.name,
                 uuid=opts.uuid, incoming=opts.incoming is not None,
-                start_paused=opts.start_paused, mem_prealloc=opts.mem_prealloc),
+                start_paused=opts.start_paused, mem_prealloc=opts.mem_prealloc,
+                machine_type=opts.machine, dump_guest_core=opts.dump_guest_core),
                 on_event=self.server.emit_event)
         except BaseException:
             self._close_sinks()
             raise
+        if opts.mem_lock != "off":
+            try:
+                mlockall(on_fault=opts.mem_lock == "on-fault")
+            except OSError:
+                self.machine.close()
+                self._close_sinks()
+                raise OptionError("locking memory failed") from None
+        self.daemon_pipe: int | None = None   # -daemonize: told once the monitors listen
         self.source = MigrationState(self.machine, self.caps, self.params,
                                      self.server.emit_event, objects=self.objects)
         self.incoming = IncomingState(self.machine, self.caps, self.params,
@@ -164,7 +175,7 @@ class VmProcess:
 
     def _incoming_failed(self, desc: str) -> None:
         """exit-on-error: QEMU prints the error and exits with status 1."""
-        print(f"{PROG}: {desc}", file=sys.stderr, flush=True)
+        report(desc)
         self.request_quit("host-error", status=1)
 
     async def listen(self) -> asyncio.Event:
@@ -189,6 +200,9 @@ class VmProcess:
                             (signal.SIGHUP, "host-signal")):
             loop.add_signal_handler(sig, self.request_quit, reason)
         quit_event = await self.listen()
+        if self.daemon_pipe is not None:    # the monitors listen: the first process may go
+            setup_post(self.daemon_pipe)
+            self.daemon_pipe = None
         if self.opts.incoming not in (None, "defer"):
             self.incoming.start(parse_uri(self.opts.incoming))
         elif self.opts.incoming is None and not self.opts.start_paused:
@@ -205,23 +219,58 @@ class VmProcess:
         return self.exit_status
 
 
+_msg_timestamp = False   # -msg timestamp=on
+
+
+def report(text: str) -> None:
+    """One message on stderr as QEMU's error_report prints it (``-msg timestamp=on``:
+    the UTC time first)."""
+    prefix = ""
+    if _msg_timestamp:
+        now = datetime.datetime.now(datetime.UTC)
+        prefix = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ ")
+    print(f"{prefix}{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def mlockall(*, on_fault: bool) -> None:
+    """``-overcommit mem-lock=on|on-fault``: QEMU's os_mlock (MCL_CURRENT|MCL_FUTURE)."""
+    import ctypes
+    flags = 1 | 2 | (4 if on_fault else 0)      # MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(flags) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
 def run_main(argv: list[str]) -> int:
+    global _msg_timestamp
     logging.basicConfig(level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
                         format=f"{PROG}: %(name)s: %(message)s")
+    pidfile: PidFile | None = None
     try:
         opts = parse_run_args(argv)
         if opts.help is not None:      # -M help, -accel help, -cpu help, -version
             print(help_text(opts))
             return 0
+        _msg_timestamp = opts.msg_timestamp
+        # QEMU's order: daemonize first, then the pidfile (the daemon's pid), then the VM.
+        pipe = os_daemonize() if opts.daemonize else None
+        if opts.pidfile is not None:
+            try:
+                pidfile = PidFile(opts.pidfile)
+            except PidFileError as exc:
+                raise OptionError(f"cannot create PID file: {exc}") from None
         vm = VmProcess(opts)
-    except OptionError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        vm.daemon_pipe = pipe
+    except (OptionError, ValueError, OSError) as exc:
+        report(str(exc))
+        if pidfile is not None:
+            pidfile.unlink()
         return 1
     try:
         return asyncio.run(vm.main())
     except (ValueError, OSError, TransportError) as exc:
-        print(f"{PROG}: {getattr(exc, 'desc', None) or exc}", file=sys.stderr)
+        report(str(getattr(exc, "desc", None) or exc))
         return 1
+    finally:
+        if pidfile is not None:
+            pidfile.unlink()

@@ -64,6 +64,12 @@ class RunOptions:
     cpu: str = "max"
     no_shutdown: bool = False
     add_fds: list[tuple[int, int, str | None]] = field(default_factory=list)  # -add-fd
+    pidfile: str | None = None          # -pidfile: written (and locked) at start
+    daemonize: bool = False             # -daemonize: fork once the monitors listen
+    mem_lock: str = "off"               # -overcommit mem-lock=on|off|on-fault
+    msg_timestamp: bool = False         # -msg timestamp=on: messages start with the time
+    dump_guest_core: bool = True        # -machine dump-guest-core=off: RAM left out of cores
+    memory_backend: str | None = None   # -machine memory-backend=ID: the guest RAM's object
     warnings: list[str] = field(default_factory=list)   # printed as "livemig: warning: ..."
     objects: list[dict[str, Any]] = field(default_factory=list)   # -object, checked ObjectOptions
     _serials: list[str] = field(default_factory=list, repr=False, compare=False)
@@ -72,7 +78,8 @@ class RunOptions:
 
 # livemig's machine types, as -M help lists them: (name, description, alias).
 MACHINE_TYPES = (("livemig-pc-10.0", "livemig PC (one vCPU, walk guest, accel devices)",
-                  "livemig-pc"),)
+                  "livemig-pc"),
+                 ("none", "empty machine", None))
 DEFAULT_MACHINE = "livemig-pc-10.0"
 # -cpu models: the vCPU runs the walk guest, which needs no CPUID feature.
 CPU_MODELS = (("host", "KVM processor with all supported host features"),
@@ -86,6 +93,13 @@ _SMP_KEYS = ("cpus", "maxcpus", "sockets", "dies", "clusters", "modules", "cores
              "threads", "drawers", "books")
 _MON_MODES = ("readline", "control")
 _HMP = "livemig has no human monitor (HMP); use QMP (mode=control)"
+# -machine properties livemig's machines have (QEMU's names), beyond type and accel.
+MACHINE_PROPS = ("usb", "dump-guest-core", "memory-backend")
+# QEMU 10.0's -rtc, -overcommit, -boot, -msg keys (vl.c's QemuOptsList) and values.
+_RTC_KEYS = ("base", "clock", "driftfix")
+_BOOT_KEYS = ("order", "once", "menu", "splash", "splash-time", "reboot-timeout", "strict")
+_MEM_LOCK = ("on", "off", "on-fault")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2})?")
 
 
 # qemu_global_option()'s fast path: sscanf("%63[^.=].%63[^=]%n") then '='.
@@ -99,7 +113,9 @@ _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
             "nodefaults": False, "nographic": False, "mem-prealloc": False,
             "chardev": True, "mon": True, "monitor": True, "vga": True, "cpu": True,
             "smp": True, "no-shutdown": False, "add-fd": True, "version": False,
-            "object": True}
+            "no-user-config": False, "pidfile": True, "daemonize": False,
+            "overcommit": True, "rtc": True, "boot": True, "audiodev": True, "msg": True,
+            "no-acpi": False, "object": True}
 
 
 def parse_run_args(argv: list[str]) -> RunOptions:
@@ -125,7 +141,7 @@ def parse_run_args(argv: list[str]) -> RunOptions:
         if opts.help == "version":
             return opts
     _resolve_chardevs(opts)
-    if opts.guest.kind == "walk":
+    if opts.guest.kind == "walk" and opts.machine != "none":
         try:
             opts.guest.validate(opts.ram_size)
         except ValueError as exc:
@@ -172,9 +188,9 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
         if accel == "help":
             opts.help = "accel"
             return
-        if accel not in ("soft", "kvm", "auto", "tcg"):
+        if accel not in _ACCEL_NAMES:
             raise OptionError(f"-accel {value}: invalid accelerator {accel}")
-        opts.accel = "soft" if accel == "tcg" else accel
+        opts.accel = _ACCEL_NAMES[accel]
     elif name in ("machine", "M"):
         assert value is not None
         machine = Opts.parse(value, "type")
@@ -188,9 +204,7 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
                 raise OptionError(f'unsupported machine type: "{kind}"\n'
                                   "Use -machine help to list supported machines")
             opts.machine = names[kind]
-        machine_accel = machine.get("accel")
-        if machine_accel is not None:
-            _apply(opts, "accel", format_opt_value(machine_accel))
+        _machine_props(opts, machine)
     elif name == "qmp":
         # QEMU's shorthand: a socket chardev "compat_monitorN" + -mon mode=control.
         assert value is not None
@@ -294,7 +308,153 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
         if any(o["id"] == options["id"] for o in opts.objects):
             raise QapiError(DUPLICATE_ID % options["id"])
         opts.objects.append(options)
-    # -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do.
+    elif name == "pidfile":
+        opts.pidfile = value
+    elif name == "daemonize":
+        opts.daemonize = True
+    elif name in ("overcommit", "rtc", "boot", "msg", "audiodev"):
+        assert value is not None
+        _PARSERS[name](opts, value)
+    # -nodefaults, -nographic: accepted for QEMU compatibility, nothing to do;
+    # -no-user-config: livemig reads no configuration files; -no-acpi: its
+    # machines have no ACPI (QEMU 10.0 dropped the option; libvirt 9.0 sends it).
+
+
+_ACCEL_NAMES = {"soft": "soft", "kvm": "kvm", "auto": "auto", "tcg": "soft"}
+
+
+def _machine_accel(text: str) -> str:
+    """``-machine accel=kvm:tcg``: the first of the list this host can run (QEMU's
+    do_configure_accelerator order); a single name is taken as ``-accel`` takes it."""
+    names = text.split(":")
+    for name in names:
+        if name not in _ACCEL_NAMES or name == "auto":
+            raise OptionError(f"invalid accelerator {name}")
+    if len(names) == 1:
+        return _ACCEL_NAMES[names[0]]
+    from livemig.machine.machine import kvm_usable
+    for name in names:
+        if name != "kvm" or kvm_usable()[0]:
+            return _ACCEL_NAMES[name]
+    raise OptionError("no accelerator found")
+
+
+def _machine_props(opts: RunOptions, machine: Opts) -> None:
+    """``-machine TYPE,accel=,usb=,dump-guest-core=,memory-backend=`` (QEMU's names)."""
+    for key, text in machine.pairs:
+        if key in ("type", "accel"):
+            continue
+        if key not in MACHINE_PROPS:
+            raise OptionError(f"Property '{opts.machine}-machine.{key}' not found")
+        if key == "memory-backend":
+            opts.memory_backend = text
+            continue
+        on = machine.get_bool(key, False)
+        if key == "usb" and on:
+            raise OptionError("livemig's machines have no USB controller (usb=on)")
+        if key == "dump-guest-core":
+            opts.dump_guest_core = on
+    machine_accel = machine.get("accel")
+    if machine_accel is not None:
+        opts.accel = _machine_accel(machine_accel)
+
+
+def _parse_overcommit(opts: RunOptions, value: str) -> None:
+    """``-overcommit mem-lock=on|off|on-fault,cpu-pm=on|off``: mem-lock is mlockall(2)
+    as in QEMU; cpu-pm=on (guest-owned HLT/MWAIT) is not something livemig's vCPU has."""
+    over = Opts.parse(value)
+    for key, _ in over:
+        if key not in ("mem-lock", "cpu-pm"):
+            raise OptionError(f"-overcommit {value}: Invalid parameter '{key}'")
+    lock = over.get("mem-lock")
+    if lock is not None:
+        if lock not in _MEM_LOCK:
+            raise OptionError(f"-overcommit {value}: parameter 'mem-lock' expects one of "
+                              "'on', 'off', 'on-fault'")
+        opts.mem_lock = lock
+    try:
+        cpu_pm = over.get_bool("cpu-pm", False)
+    except QapiError as exc:
+        raise OptionError(f"-overcommit {value}: {exc.desc}") from None
+    if cpu_pm:
+        raise OptionError(f"-overcommit {value}: livemig's vCPU has no cpu-pm=on "
+                          "(guest-owned idle); use cpu-pm=off")
+
+
+def _parse_rtc(opts: RunOptions, value: str) -> None:
+    """``-rtc base=utc|localtime|DATE,clock=host|rt|vm,driftfix=none|slew``: checked as
+    QEMU checks it; livemig's machines have no RTC, so nothing reads it."""
+    rtc = Opts.parse(value)
+    for key, text in rtc:
+        if key not in _RTC_KEYS:
+            raise OptionError(f"-rtc {value}: Invalid parameter '{key}'")
+        if key == "base" and text not in ("utc", "localtime") and not _DATE.fullmatch(text):
+            raise OptionError("invalid datetime format\n"
+                              "valid formats: '2006-06-17T16:01:21' or '2006-06-17'")
+        if ((key == "clock" and text not in ("host", "rt", "vm"))
+                or (key == "driftfix" and text not in ("none", "slew"))):
+            raise OptionError(f"invalid option value '{text}'")
+
+
+def _parse_boot(opts: RunOptions, value: str) -> None:
+    """``-boot [order=]...,strict=on...``: checked; the walk guest boots from livemig's
+    own boot sector, so there is no boot order to follow."""
+    boot = Opts.parse(value, "order")
+    for key, _ in boot:
+        if key not in _BOOT_KEYS:
+            raise OptionError(f"Parameter 'boot.{key}' is unexpected")
+    for key in ("menu", "splash", "strict"):
+        try:
+            boot.get_bool(key, False)
+        except QapiError:
+            raise OptionError(f"Parameter 'boot.{key}' expects 'on' or 'off'") from None
+
+
+def _parse_msg(opts: RunOptions, value: str) -> None:
+    """``-msg timestamp=on,guest-name=on``: error and warning lines as QEMU prints them."""
+    msg = Opts.parse(value)
+    for key, _ in msg:
+        if key not in ("timestamp", "guest-name"):
+            raise OptionError(f"-msg {value}: Invalid parameter '{key}'")
+    try:
+        opts.msg_timestamp = msg.get_bool("timestamp", False)
+        msg.get_bool("guest-name", False)
+    except QapiError as exc:
+        raise OptionError(f"-msg {value}: {exc.desc}") from None
+
+
+def _parse_audiodev(opts: RunOptions, value: str) -> None:
+    """``-audiodev`` (JSON or key=value): livemig has no sound hardware, so its one
+    backend is QEMU's ``none``; checked with QEMU's texts."""
+    spec = _json_or_opts(value, "driver")
+    if "driver" not in spec:
+        raise OptionError(f"-audiodev {value}: Parameter 'driver' is missing")
+    if spec["driver"] != "none":
+        raise OptionError(f"-audiodev {value}: Parameter 'driver' does not accept value "
+                          f"'{spec['driver']}'")
+    if "id" not in spec:
+        raise OptionError(f"-audiodev {value}: Parameter 'id' is missing")
+    for key in spec:
+        if key not in ("id", "driver", "timer-period", "in", "out"):
+            raise OptionError(f"-audiodev {value}: Parameter '{key}' is unexpected")
+
+
+def _json_or_opts(value: str, implied_key: str) -> dict[str, object]:
+    """An option given as JSON (``{...}``, QEMU's keyval-or-JSON options) or key=value."""
+    if value.lstrip().startswith("{"):
+        import json
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise OptionError(f"{value}: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise OptionError(f"{value}: JSON object expected")
+        return parsed
+    return dict(Opts.parse(value, implied_key).pairs)
+
+
+_PARSERS = {"overcommit": _parse_overcommit, "rtc": _parse_rtc, "boot": _parse_boot,
+            "msg": _parse_msg, "audiodev": _parse_audiodev}
 
 
 def parse_object_option(text: str) -> dict[str, Any]:

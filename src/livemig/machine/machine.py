@@ -7,6 +7,7 @@ QMP layer turns them into ``STOP``/``RESUME`` events).
 
 from __future__ import annotations
 
+import mmap
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from livemig.machine.throttle import CpuThrottle
 from livemig.machine.vmstate import SaveVMHandlers
 
 MACHINE_TYPE = "livemig-pc-10.0"
+NONE_MACHINE = "none"     # QEMU's empty machine: no vCPU, no guest (libvirt's probe)
 RAM_BLOCK_NAME = "pc.ram"
 
 
@@ -41,6 +43,8 @@ class MachineConfig:
     incoming: bool = False       # -incoming given: start in inmigrate
     start_paused: bool = False   # -S
     mem_prealloc: bool = False   # -mem-prealloc
+    machine_type: str = MACHINE_TYPE   # or NONE_MACHINE
+    dump_guest_core: bool = True  # -machine dump-guest-core=off: MADV_DONTDUMP on RAM
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -64,6 +68,45 @@ def choose_accelerator(name: str) -> str:
     return name
 
 
+class NoVcpu:
+    """The empty machine's accelerator (QEMU's ``-machine none``): no vCPU, so
+    nothing runs, nothing is dirtied and there is no CPU state to migrate."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def reset(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    @property
+    def running(self) -> bool:
+        return False
+
+    def log_dirty_start(self) -> None:
+        pass
+
+    def log_dirty_stop(self) -> None:
+        pass
+
+    def log_dirty_sync(self) -> None:
+        pass
+
+    def save_cpu_state(self) -> bytes:
+        return b""
+
+    def load_cpu_state(self, data: bytes) -> None:
+        raise ValueError(f"machine '{NONE_MACHINE}' has no vCPU to load")
+
+    def close(self) -> None:
+        pass
+
+
 class Machine:
     """One VM. Thread-safe: QMP and migration threads call stop/start."""
 
@@ -71,15 +114,23 @@ class Machine:
                  on_event: Callable[[str, dict | None], None] | None = None) -> None:
         self.config = config
         self.on_event = on_event or (lambda name, data: None)
-        config.guest.validate(config.ram_size)
+        self.empty = config.machine_type == NONE_MACHINE
+        if not self.empty:
+            config.guest.validate(config.ram_size)
         self.accel_name = choose_accelerator(config.accel)
         self.ram = RamBlock(RAM_BLOCK_NAME, config.ram_size)
         if config.mem_prealloc:
             self.ram.prealloc()
+        if not config.dump_guest_core:
+            self.ram.mem.madvise(mmap.MADV_DONTDUMP)
         self.dirty_log = DirtyLog(self.ram.npages)
         self.serial = config.serial or Serial(config.serial_path)
         self.cpu: Accelerator
-        if self.accel_name == "kvm":
+        if self.empty:
+            if config.devices:
+                raise ValueError(f"machine '{NONE_MACHINE}' takes no devices")
+            self.cpu = NoVcpu(self.accel_name)
+        elif self.accel_name == "kvm":
             from livemig.machine.kvm import KvmAccelerator
             self.cpu = KvmAccelerator(self.ram, self.dirty_log, self.serial, config.guest)
         else:
@@ -104,7 +155,7 @@ class Machine:
 
     @property
     def machine_type(self) -> str:
-        return MACHINE_TYPE
+        return self.config.machine_type
 
     # -- run state -------------------------------------------------------------
     def vmstate_handlers(self) -> list[SaveVMHandlers]:
@@ -112,7 +163,8 @@ class Machine:
         register_savevm_live / vmstate_register by each device): the devices
         in creation order, then the vCPU state. The engine adds ``ram`` before
         them and ``globalstate`` after."""
-        return [*(AccelHandler(dev) for dev in self.devices.values()), CpuHandler(self)]
+        cpu: list[SaveVMHandlers] = [] if self.empty else [CpuHandler(self)]
+        return [*(AccelHandler(dev) for dev in self.devices.values()), *cpu]
 
     def is_running(self) -> bool:
         return self.runstate is RunState.RUNNING
@@ -151,6 +203,22 @@ class Machine:
         if was_running:
             self.on_event("STOP", None)
         return was_running
+
+    def system_reset(self) -> None:
+        """QEMU's qemu_system_reset for ``system_reset``: the vCPU back at the guest's
+        entry point (RAM is kept, as on a real reset), running on if it ran; a stopped
+        VM goes to prelaunch (QEMU's main loop), an incoming one is left to its load."""
+        with self._lock:
+            if self.runstate in (RunState.INMIGRATE, RunState.FINISH_MIGRATE):
+                return
+            running = self.runstate is RunState.RUNNING
+            if running:
+                self.cpu.pause()
+            self.cpu.reset()
+            if running:
+                self.cpu.resume()
+            elif self.runstate is RunState.PAUSED or self.runstate is RunState.SHUTDOWN:
+                self.runstate = RunState.PRELAUNCH
 
     def close(self) -> None:
         self.throttle.set(0)

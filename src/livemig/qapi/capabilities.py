@@ -79,7 +79,9 @@ GLOBAL_PROPERTY: Final[dict[str, str]] = {
 }
 
 # What livemig implements; zero-blocks is deprecated in QEMU (warning only)
-# and accepted here as a no-op.
+# and accepted here as a no-op, and so is late-block-activate: it defers the
+# destination's block devices' activation to cont, and livemig has none
+# (libvirt 9.0 sets it on every destination).
 IMPLEMENTED: Final = frozenset(
     {
         "events",
@@ -90,6 +92,7 @@ IMPLEMENTED: Final = frozenset(
         "multifd",
         "zero-blocks",
         "auto-converge",
+        "late-block-activate",
     }
 )
 

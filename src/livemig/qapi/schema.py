@@ -183,6 +183,25 @@ STATUS_INFO: Final = struct("StatusInfo", {"running": "bool", "status": RUN_STAT
 KVM_INFO: Final = struct("KvmInfo", {"enabled": "bool", "present": "bool"})
 UUID_INFO: Final = struct("UuidInfo", {"UUID": "str"})
 SYS_EMU_TARGET: Final = Enum("SysEmuTarget", ("x86_64",))  # the one target livemig has
+# -- what management software (libvirt) asks of the machine (qapi/qom.json,
+# qapi/machine*.json, qapi/misc.json, qapi/char.json, qapi/block-core.json) --
+OBJECT_TYPE_INFO: Final = struct("ObjectTypeInfo", {"name": "str", "*abstract": "bool",
+                                                    "*parent": "str"})
+OBJECT_PROPERTY_INFO: Final = struct("ObjectPropertyInfo", {
+    "name": "str", "type": "str", "*description": "str", "*default-value": "any"})
+CPU_DEFINITION_INFO: Final = struct("CpuDefinitionInfo", {
+    "name": "str", "*migration-safe": "bool", "static": "bool",
+    "*unavailable-features": Array("str"), "typename": "str", "*alias-of": "str",
+    "deprecated": "bool"})
+COMMAND_LINE_PARAMETER_INFO: Final = struct("CommandLineParameterInfo", {
+    "name": "str",
+    "type": Enum("CommandLineParameterType", ("string", "boolean", "number", "size")),
+    "*help": "str", "*default": "str"})
+COMMAND_LINE_OPTION_INFO: Final = struct("CommandLineOptionInfo", {
+    "option": "str", "parameters": Array(COMMAND_LINE_PARAMETER_INFO)})
+CHARDEV_INFO: Final = struct("ChardevInfo", {"label": "str", "filename": "str",
+                                             "frontend-open": "bool"})
+
 TARGET_INFO: Final = struct("TargetInfo", {"arch": SYS_EMU_TARGET})
 MACHINE_INFO: Final = struct("MachineInfo", {
     "name": "str", "*alias": "str", "*is-default": "bool", "cpu-max": "int",
@@ -192,6 +211,18 @@ CPU_INSTANCE_PROPERTIES: Final = struct("CpuInstanceProperties", {
     "*node-id": "int", "*drawer-id": "int", "*book-id": "int", "*socket-id": "int",
     "*die-id": "int", "*cluster-id": "int", "*module-id": "int", "*core-id": "int",
     "*thread-id": "int"})
+HOTPLUGGABLE_CPU_INFO: Final = struct("HotpluggableCPU", {
+    "type": "str", "vcpus-count": "int", "props": CPU_INSTANCE_PROPERTIES,
+    "*qom-path": "str"})
+IOTHREAD_INFO: Final = struct("IOThreadInfo", {
+    "id": "str", "thread-id": "int", "poll-max-ns": "int", "poll-grow": "int",
+    "poll-shrink": "int", "aio-max-batch": "int"})
+# livemig has no block devices: these lists are always empty; their element types
+# carry QEMU's required members only.
+BLOCK_DEVICE_INFO: Final = struct("BlockDeviceInfo", {
+    "file": "str", "*node-name": "str", "ro": "bool", "drv": "str", "encrypted": "bool"})
+BLOCK_INFO: Final = struct("BlockInfo", {
+    "device": "str", "*qdev": "str", "type": "str", "removable": "bool", "locked": "bool"})
 CPU_INFO_FAST: Final = struct("CpuInfoFast", {
     "cpu-index": "int", "qom-path": "str", "thread-id": "int",
     "*props": CPU_INSTANCE_PROPERTIES, "target": SYS_EMU_TARGET})
@@ -267,4 +298,6 @@ EVENTS: Final[dict[str, Object]] = {
     "RESUME": struct(None, {}),
     "MIGRATION": struct(None, {"status": MIGRATION_STATUS}),
     "MIGRATION_PASS": struct(None, {"pass": "int"}),
+    "RESET": struct(None, {"guest": "bool", "reason": SHUTDOWN_CAUSE}),
+    "POWERDOWN": struct(None, {}),
 }

@@ -10,6 +10,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from livemig.machine.machine import NONE_MACHINE, RAM_BLOCK_NAME
 from livemig.machine.runstate import RunState
 from livemig.migration.status import MigrationStatus
 from livemig.qapi import schema
@@ -29,6 +30,7 @@ from livemig.qmp import fds as monitor_fds
 from livemig.qmp import introspect
 from livemig.qmp.errors import QMPError
 from livemig.qmp.fds import FdSets
+from livemig.qmp.manager import register_manager_commands
 from livemig.qmp.registry import ArgSpec, CommandRegistry
 from livemig.qom.object import object_options_type
 from livemig.transport import (
@@ -278,14 +280,19 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             if name == DEFAULT_MACHINE:
                 info["is-default"] = True
             info.update({"cpu-max": 1, "hotpluggable-cpus": False,
-                         "numa-mem-supported": False, "deprecated": False,
-                         "default-cpu-type": "max-x86_64-cpu",
-                         "default-ram-id": machine.ram.idstr, "acpi": False})
+                         "numa-mem-supported": False, "deprecated": False})
+            # No default-cpu-type (optional in QEMU): libvirt 9.0 would turn "max" into
+            # a custom CPU model its CPU map does not have; without it, it passes no -cpu.
+            if name != NONE_MACHINE:   # QEMU's none machine has no default RAM id
+                info["default-ram-id"] = RAM_BLOCK_NAME
+            info["acpi"] = False
             out.append(info)
         return out
 
     @reg.register("query-cpus-fast", returns=Array(schema.CPU_INFO_FAST))
     def query_cpus_fast(args: dict) -> list[dict[str, Any]]:
+        if machine.empty:     # -machine none has no vCPU
+            return []
         # The vCPU thread exists once the guest first ran; before, the main thread runs it.
         thread_id = _thread_id("vcpu0") or threading.main_thread().native_id or os.getpid()
         return [{"cpu-index": 0, "qom-path": "/machine/unattached/device[0]",
@@ -354,6 +361,8 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     @reg.register("object-del", args={"id": "str"}, allow_preconfig=True)
     def object_del(args: dict) -> None:
         vm.objects.delete(args["id"])
+
+    register_manager_commands(reg, vm)
 
     # -- introspection: generated from this registry, the server's protocol commands
     # and the events; registered last, so it lists itself in dispatch order.
