@@ -33,8 +33,9 @@ PACKAGES = ("libvirt-daemon-driver-qemu", "libvirt-daemon", "libvirt-clients")
 
 def libvirt_missing() -> str | None:
     """Why two daemons cannot run here (None: they can)."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     for tool in ("libvirtd", "virsh", "unshare"):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+        if shutil.which(tool, path=path) is None:
             return f"{tool} not installed (Debian: apt-get install {' '.join(PACKAGES)})"
     if os.geteuid() != 0:
         return "two libvirt daemons need root (mount namespaces, qemu.conf user=root)"

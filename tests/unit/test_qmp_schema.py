@@ -45,6 +45,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "qom-get": {"path": "/machine", "property": "type"}, "query-cpu-definitions": {},
     "query-command-line-options": {}, "query-chardev": {}, "query-hotpluggable-cpus": {},
     "query-iothreads": {}, "query-named-block-nodes": {"flat": True}, "query-block": {},
+    "query-blockstats": {},
     "system_powerdown": {}, "system_reset": {},
 }
 # Commands not called here, and why (a new command must be added to one of the two).

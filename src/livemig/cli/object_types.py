@@ -7,5 +7,7 @@ this module only makes sure those modules are loaded before ``-object`` or
 
 from livemig.authz import authz as _authz
 from livemig.crypto import tlscreds as _tlscreds
+from livemig.machine import hostmem as _hostmem
+from livemig.qom import secret as _secret
 
-TYPE_MODULES = (_authz, _tlscreds)
+TYPE_MODULES = (_authz, _tlscreds, _hostmem, _secret)

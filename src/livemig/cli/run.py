@@ -22,6 +22,7 @@ from livemig.cli.run_options import (
     parse_run_args,
     serial_failure,
 )
+from livemig.machine.hostmem import HostMemoryBackend, MemoryBackend
 from livemig.machine.machine import Machine, MachineConfig, choose_accelerator
 from livemig.machine.serial import Serial, SerialSocket
 from livemig.migration.destination import IncomingState
@@ -77,6 +78,12 @@ class VmProcess:
             self.objects.close()
             self._close_sinks()
             raise OptionError(exc.desc) from None
+        try:
+            backend = self._ram_backend()
+        except OptionError:
+            self.objects.close()
+            self._close_sinks()
+            raise
         self.registry = CommandRegistry()
         self.server = QMPServer(self.registry, version=QEMU_VERSION,
                                 package=f"livemig {__version__}")
@@ -86,7 +93,7 @@ class VmProcess:
         self.shutdown_reason = "host-qmp-quit"
         try:
             self.machine = Machine(MachineConfig(
-                ram_size=opts.ram_size, accel=opts.accel, guest=opts.guest,
+                ram_size=opts.ram_size, ram_backend=backend, accel=opts.accel, guest=opts.guest,
                 serial_path=opts.serial, serial=serial, devices=opts.devices, name=opts.name,
                 uuid=opts.uuid, incoming=opts.incoming is not None,
                 start_paused=opts.start_paused, mem_prealloc=opts.mem_prealloc,
@@ -110,6 +117,29 @@ class VmProcess:
                                       on_failure_exit=self._incoming_failed,
                                       objects=self.objects)
         register_vm_commands(self.registry, self)
+
+    def _ram_backend(self) -> HostMemoryBackend | None:
+        """``-machine memory-backend=ID``: that object is the guest RAM; with -m their
+        sizes must agree, without it the backend's size is the RAM size (QEMU's rules)."""
+        opts, backend_id = self.opts, self.opts.memory_backend
+        if backend_id is None:
+            return None
+        obj = self.objects.get(backend_id)
+        if not isinstance(obj, MemoryBackend):
+            raise OptionError(f"Memory backend '{backend_id}' not found")
+        backend = obj.backend()
+        if opts.ram_size_given and opts.ram_size != backend.size:
+            raise OptionError("Machine memory size does not match the size of the memory "
+                              "backend")
+        if not opts.ram_size_given:
+            opts.ram_size = backend.size
+            if opts.guest.kind == "walk" and opts.machine != "none":
+                try:
+                    opts.guest.validate(opts.ram_size)
+                except ValueError as exc:
+                    raise OptionError(f"-guest: {exc}") from None
+        obj.in_use = True
+        return backend
 
     def _open_chardev(self, chardev: ChardevSpec) -> SerialSocket | None:
         """A socket chardev for the serial port (or none): bound, connected or adopted;

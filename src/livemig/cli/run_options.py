@@ -25,7 +25,7 @@ from livemig.qapi.errors import (
     MISSING_PARAMETER,
     QapiError,
 )
-from livemig.qapi.opts import Opts, format_opt_value, parse_opts
+from livemig.qapi.opts import Opts, parse_opts
 from livemig.qapi.string_input import UINT64_MAX, parse_option_size
 from livemig.qmp.chardev import (
     ChardevError,
@@ -45,6 +45,7 @@ class OptionError(Exception):
 @dataclass
 class RunOptions:
     ram_size: int = 128 * MIB
+    ram_size_given: bool = False        # -m given (else a memory backend's size wins)
     accel: str = "auto"
     qmp: list[str] = field(default_factory=list)
     incoming: str | None = None
@@ -182,6 +183,7 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
         if size < MIB or size % 4096:
             raise OptionError(f"-m {value}: RAM size must be at least 1M and page aligned")
         opts.ram_size = size
+        opts.ram_size_given = True
     elif name == "accel":
         assert value is not None
         accel = Opts.parse(value, "accel").get("accel") or ""

@@ -8,6 +8,7 @@ QMP layer turns them into ``STOP``/``RESUME`` events).
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from livemig.machine.accelerator import Accelerator
 from livemig.machine.cpu_vmstate import CpuHandler
 from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
+from livemig.machine.hostmem import HostMemoryBackend
 from livemig.machine.ram import RamBlock
 from livemig.machine.runstate import RunState, check_transition
 from livemig.machine.serial import Serial
@@ -45,6 +47,7 @@ class MachineConfig:
     mem_prealloc: bool = False   # -mem-prealloc
     machine_type: str = MACHINE_TYPE   # or NONE_MACHINE
     dump_guest_core: bool = True  # -machine dump-guest-core=off: MADV_DONTDUMP on RAM
+    ram_backend: HostMemoryBackend | None = None  # -machine memory-backend=ID's object
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -118,10 +121,19 @@ class Machine:
         if not self.empty:
             config.guest.validate(config.ram_size)
         self.accel_name = choose_accelerator(config.accel)
-        self.ram = RamBlock(RAM_BLOCK_NAME, config.ram_size)
-        if config.mem_prealloc:
+        backend = config.ram_backend
+        if backend is None:
+            self.ram = RamBlock(RAM_BLOCK_NAME, config.ram_size)
+        else:   # QEMU names the block after the backend (libvirt's is "pc.ram")
+            fd = backend.open_fd()
+            try:
+                self.ram = RamBlock(backend.id, backend.size, fd, shared=backend.share)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        if config.mem_prealloc or (backend is not None and backend.prealloc):
             self.ram.prealloc()
-        if not config.dump_guest_core:
+        if not config.dump_guest_core or (backend is not None and not backend.dump):
             self.ram.mem.madvise(mmap.MADV_DONTDUMP)
         self.dirty_log = DirtyLog(self.ram.npages)
         self.serial = config.serial or Serial(config.serial_path)

@@ -29,13 +29,22 @@ class RamBlock:
     batch of pages is gathered or scattered with one numpy fancy index.
     """
 
-    def __init__(self, idstr: str, size_bytes: int) -> None:
+    def __init__(self, idstr: str, size_bytes: int, fd: int | None = None,
+                 shared: bool = False) -> None:
+        """``fd``: a memory backend's file (memfd or ``mem-path``) to map instead of
+        anonymous memory, shared with others if ``shared`` (``share=on``)."""
         if size_bytes <= 0 or size_bytes % TARGET_PAGE_SIZE:
             raise ValueError(f"RAM size must be a positive multiple of {TARGET_PAGE_SIZE}")
         self.idstr = idstr
         self.size = size_bytes
-        self.mem = mmap.mmap(-1, size_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+        # Only a fresh anonymous mapping is known zero where untouched.
+        self.anonymous = fd is None
+        if fd is None:
+            self.mem = mmap.mmap(-1, size_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            self.mem = mmap.mmap(fd, size_bytes, mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             # Transparent huge pages: 512x fewer first-touch faults when the
             # destination fills RAM, and fewer TLB misses for the guest and
@@ -47,7 +56,8 @@ class RamBlock:
         self.pages64 = self.pages.view(np.uint64)    # (npages, 512): zero checks by words
         # Pages an incoming migration wrote here; the others of this fresh
         # mapping are zero, so a zero page for them needs no read (no fault).
-        self.loaded = np.zeros(self.npages, dtype=bool)
+        # A file's pages may hold anything: every zero page is written there.
+        self.loaded = np.full(self.npages, not self.anonymous, dtype=bool)
 
     @property
     def npages(self) -> int:
@@ -104,6 +114,8 @@ class RamBlock:
         """One bool per page: is it backed by memory (mincore)? A page of this
         anonymous mapping that is not resident was never written: it is zero.
         Lets the first migration pass skip reading untouched guest RAM."""
+        if not self.anonymous:   # a file's page may be on disk, not in memory
+            return np.ones(self.npages, dtype=bool)
         vec = np.zeros(self.npages, dtype=np.uint8)
         rc = _libc.mincore(ctypes.c_void_p(self.host_address), ctypes.c_size_t(self.size),
                            vec.ctypes.data_as(ctypes.c_void_p))

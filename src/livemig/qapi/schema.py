@@ -223,6 +223,8 @@ BLOCK_DEVICE_INFO: Final = struct("BlockDeviceInfo", {
     "file": "str", "*node-name": "str", "ro": "bool", "drv": "str", "encrypted": "bool"})
 BLOCK_INFO: Final = struct("BlockInfo", {
     "device": "str", "*qdev": "str", "type": "str", "removable": "bool", "locked": "bool"})
+BLOCK_STATS: Final = struct("BlockStats", {"*device": "str", "*qdev": "str",
+                                           "*node-name": "str", "stats": "any"})
 CPU_INFO_FAST: Final = struct("CpuInfoFast", {
     "cpu-index": "int", "qom-path": "str", "thread-id": "int",
     "*props": CPU_INSTANCE_PROPERTIES, "target": SYS_EMU_TARGET})

@@ -291,6 +291,11 @@ def register_manager_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     def query_block(args: dict) -> list[dict[str, Any]]:
         return []
 
+    @reg.register("query-blockstats", args={"*query-nodes": "bool"},
+                  returns=Array(schema.BLOCK_STATS))
+    def query_blockstats(args: dict) -> list[dict[str, Any]]:
+        return []        # libvirt's domstats asks; no block devices
+
     @reg.register("system_reset")
     def system_reset(args: dict) -> None:
         machine.system_reset()
