@@ -91,7 +91,20 @@ def qom_types(machine_types: tuple[str, ...], cpu_models: tuple[str, ...],
             for name in backends]
     if "secret" in object_types:
         out.append(QomType("secret", "object", False, _SECRET_PROPS))
+    from livemig.qom import OBJECT_TYPES
+    for name in object_types:      # the other -object types: props from their schema
+        if name != "secret" and not name.startswith("memory-backend-"):
+            members = OBJECT_TYPES[name].properties.members or ()
+            out.append(QomType(name, "object", False, (("type", "string", None), *(
+                (m.name, _qom_property_type(m.type), None) for m in members))))
     return {t.name: t for t in out}
+
+
+def _qom_property_type(qtype: object) -> str:
+    """A QAPI member type as QOM names a property's type."""
+    if isinstance(qtype, str):
+        return {"str": "string"}.get(qtype, qtype)
+    return getattr(qtype, "name", None) or "any"
 
 
 def _props(qtype: QomType) -> list[dict[str, Any]]:
