@@ -53,7 +53,7 @@ def install_libvirt() -> str | None:
         return libvirt_missing()
     subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=240)
     return libvirt_missing()
 
 
