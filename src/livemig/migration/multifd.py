@@ -196,8 +196,7 @@ class MultifdSender:
         try:
             while (item := q.get()) is not _STOP:
                 if item is _SYNC:
-                    head = encode_multifd_sync_packet(packet_num=self._take_numbers(1),
-                                                      block=name)
+                    head = encode_multifd_sync_packet(packet_num=self._take_numbers(1))
                     ch.sendall(head)
                     self._count(head.nbytes)
                     continue

@@ -149,14 +149,13 @@ def _template(k: int, name: bytes) -> np.ndarray:
     return t[:k].copy()
 
 
-def encode_multifd_sync_packet(*, packet_num: int, block: str) -> np.ndarray:
-    """A SYNC packet (no pages), QEMU's full size."""
+def encode_multifd_sync_packet(*, packet_num: int) -> np.ndarray:
+    """A SYNC packet, QEMU's full size; as QEMU 10.0 sends it, it carries no
+    pages, so ``pages_alloc`` and the block name stay zero."""
     out = np.zeros(1, dtype=MULTIFD_PACKET)
     out["magic"], out["version"], out["flags"] = MULTIFD_MAGIC, MULTIFD_VERSION, \
         MULTIFD_FLAG_SYNC
-    out["pages_alloc"] = MULTIFD_PACKET_PAGES
     out["packet_num"] = packet_num
-    out["ramblock"] = _block_name(block)
     return out
 
 
