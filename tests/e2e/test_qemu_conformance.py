@@ -576,7 +576,7 @@ def test_migrate_set_capabilities_error(shared, case):
 
 # Capabilities QEMU accepts on this host (alone) but livemig does not implement.
 # (x-colo too on this Debian build, but only where QEMU is built with replication.)
-UNIMPLEMENTED_CAPABILITIES = ("xbzrle", "postcopy-ram", "release-ram", "mapped-ram")
+UNIMPLEMENTED_CAPABILITIES = ("xbzrle", "release-ram", "mapped-ram")
 
 
 @pytest.mark.parametrize("name", UNIMPLEMENTED_CAPABILITIES)
@@ -595,6 +595,31 @@ def test_unimplemented_capability_is_refused(shared, name):
         finally:  # the shared QEMU must stay pristine
             await qemu.execute("migrate-set-capabilities",
                                {"capabilities": [cap(name, False)]})
+    on_shared(shared, body)
+
+
+def test_postcopy_ram_as_qemu(shared):
+    """postcopy-ram is on on both after the same set; migrate-start-postcopy
+    before any migration, and postcopy-ram with multifd, get the same texts."""
+    async def body(qemu: QMPClient, livemig: QMPClient) -> None:
+        try:
+            q, lm = await both(qemu, livemig, "migrate-set-capabilities",
+                               {"capabilities": [cap("postcopy-ram")]})
+            assert q == OK and lm == q
+            q_caps, lm_caps = await both(qemu, livemig, "query-migrate-capabilities")
+            assert [("state", True), ("capability", "postcopy-ram")] in q_caps[1]
+            assert [("state", True), ("capability", "postcopy-ram")] in lm_caps[1]
+            q, lm = await both(qemu, livemig, "migrate-start-postcopy")
+            assert q == err("Postcopy must be started after migration has been started")
+            assert lm == q
+            q, lm = await both(qemu, livemig, "migrate-set-capabilities",
+                               {"capabilities": [cap("multifd")]})
+            assert q == err("Postcopy is not yet compatible with multifd")
+            assert lm == q
+        finally:  # both shared processes must stay pristine
+            for vm in (qemu, livemig):
+                await vm.execute("migrate-set-capabilities",
+                                 {"capabilities": [cap("postcopy-ram", False)]})
     on_shared(shared, body)
 
 

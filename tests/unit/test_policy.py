@@ -41,6 +41,9 @@ class Model:
     window_bytes: int = 0
     sent_total: int = 0
     completed_at: float | None = None
+    postcopy_at: float | None = None    # when migrate-start-postcopy is asked
+    must_precopy: int = 0               # pending that postcopy cannot move
+    postcopy_started_at: float | None = None
     pending_at_completion: int | None = None
     passes: int = 0
     syncs: int = 0
@@ -94,7 +97,9 @@ class Model:
                 switchover_ack=self.ack_users > 0, ack_users=self.ack_users,
                 vm_running=True, acked=self._acked()),
             rate_exceeded=left is not None and left == 0,
-            convergence=self.convergence, stall_timeout_s=self.stall_timeout_s)
+            convergence=self.convergence, stall_timeout_s=self.stall_timeout_s,
+            start_postcopy=self.postcopy_at is not None and self.t >= self.postcopy_at,
+            must_precopy=self.must_precopy)
 
     def pending_exact(self) -> int:
         self.syncs += 1
@@ -132,6 +137,9 @@ class Model:
 
     def fail(self, desc: str) -> None:
         self.failed, self.failed_at = desc, self.t
+
+    def postcopy_start(self) -> None:
+        self.postcopy_started_at = self.t
 
     def pass_done(self) -> None:
         self.passes += 1
@@ -388,3 +396,34 @@ def test_fixed_costs_over_the_limit_are_a_stall_with_that_cause():
     text = policy.stall_verdict(c, 2.0, 0.5)
     assert text is not None and "needs 400 ms" in text and "downtime-limit 300 ms" in text
     assert "switchover-ack" in text
+
+
+# -- postcopy ----------------------------------------------------------------------
+
+def test_postcopy_finishes_a_migration_precopy_cannot():
+    """A guest that outruns the link: migrate-start-postcopy at 2 s switches
+    within one pass (RAM is what postcopy moves: nothing must go precopy)."""
+    m = run(Model(ram=2 << 30, bandwidth=1e8, dirty_rate=5e8, postcopy_at=2.0))
+    assert m.completed_at is None
+    assert m.postcopy_started_at is not None
+    assert 2.0 <= m.postcopy_started_at < 2.0 + 0.2
+
+
+def test_switchover_ack_gates_the_start_of_postcopy():
+    """QEMU's rule: postcopy starts only when it may switch over; the ACK at 3 s."""
+    m = run(Model(ram=2 << 30, bandwidth=1e8, dirty_rate=5e8, postcopy_at=1.0,
+                  ack_users=1, ack_at=3.0))
+    assert m.postcopy_started_at is not None
+    assert 3.0 <= m.postcopy_started_at < 3.0 + 0.2
+
+
+def test_postcopy_waits_while_precopy_only_state_is_over_the_threshold():
+    assert policy.migration_iteration_run(
+        stats(pending=1000, start_postcopy=True, must_precopy=500)) == policy.Iterate()
+    assert policy.migration_iteration_run(
+        stats(pending=1000, start_postcopy=True, must_precopy=50)) == policy.StartPostcopy()
+    assert policy.migration_iteration_run(
+        stats(pending=1000, start_postcopy=True, can_switchover=False)) == policy.Iterate()
+    # What fits completes precopy, asked or not (QEMU checks completion first).
+    assert policy.migration_iteration_run(
+        stats(pending=50, pending_exact=True, start_postcopy=True)) == policy.Complete()

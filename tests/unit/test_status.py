@@ -37,4 +37,5 @@ def test_cancelling_only_ends_cancelled():
 
 
 def test_running_set_matches_qemu_precopy_subset():
-    assert RUNNING == {S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING}
+    assert RUNNING == {S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING,
+                       S.POSTCOPY_ACTIVE}

@@ -79,7 +79,7 @@ def test_advise_length_against_the_capability():
         decode_postcopy_advise(empty, postcopy_ram=True)
     with pytest.raises(StreamError, match="RAM postcopy is disabled but have 16 byte advise"):
         decode_postcopy_advise(bytes(16), postcopy_ram=False)
-    with pytest.raises(StreamError, match="loadvm_postcopy_handle_advise: invalid length 8"):
+    with pytest.raises(StreamError, match=r"CMD_POSTCOPY_ADVISE invalid length \(8\)"):
         decode_postcopy_advise(bytes(8), postcopy_ram=True)
 
 

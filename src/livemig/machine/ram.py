@@ -58,6 +58,10 @@ class RamBlock:
         # mapping are zero, so a zero page for them needs no read (no fault).
         # A file's pages may hold anything: every zero page is written there.
         self.loaded = np.full(self.npages, not self.anonymous, dtype=bool)
+        # Postcopy's destination registered this RAM with userfaultfd: a missing
+        # page blocks whoever touches it until it arrives, so Python code must
+        # touch guest RAM only through ``populate`` (GIL released) first.
+        self.postcopy_armed = False
 
     @property
     def npages(self) -> int:
@@ -109,6 +113,21 @@ class RamBlock:
                                    ctypes.c_size_t(count * TARGET_PAGE_SIZE),
                                    _MADV_DONTNEED) != 0:
             self.pages[first:first + count] = 0            # cannot happen; still zero them
+
+    def madvise(self, advice: int, start: int, length: int) -> None:
+        """madvise(2) on [start, start+length) of this block (offsets in bytes)."""
+        rc = _libc.madvise(ctypes.c_void_p(self.host_address + start),
+                           ctypes.c_size_t(length), advice)
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"madvise({advice}) of guest RAM failed: {os.strerror(err)}")
+
+    def populate(self, first_page: int, end_page: int) -> None:
+        """Fault pages [first_page, end_page) in for writing, in one call that
+        releases the GIL: under postcopy a missing page blocks here (not inside
+        a numpy write holding the GIL) until the fault thread placed it."""
+        self.madvise(_MADV_POPULATE_WRITE, first_page * TARGET_PAGE_SIZE,
+                     (end_page - first_page) * TARGET_PAGE_SIZE)
 
     def resident_pages(self) -> np.ndarray:
         """One bool per page: is it backed by memory (mincore)? A page of this

@@ -179,6 +179,8 @@ class SoftAccelerator:
             # batch cut at the page that completes the next tick.
             walked = self.passes * (self._end - self._first) + (lo - self._first)
             hi = min(hi, lo + tick - walked % tick)
+        if self.ram.postcopy_armed:
+            self.ram.populate(lo, hi)      # postcopy: wait for missing pages, GIL released
         if self.phase == PHASE_ZERO:
             column[lo:hi] = 0
         else:

@@ -70,6 +70,9 @@ class SaveVMHandlers:
     version_id: int = 1
     payload_kind: PayloadKind = PayloadKind.BLOB
     iterable: bool = False
+    # QEMU's has_postcopy: the rest of this iterable state may follow the guest
+    # to the destination (RAM with postcopy-ram); the others complete before.
+    has_postcopy: bool = False
 
     # -- source -----------------------------------------------------------------
     def save_setup(self, out: OutStream, ctx: SaveContext) -> None: ...

@@ -25,6 +25,7 @@ from livemig.migration import savevm, tls
 from livemig.migration.errors import LoadError, MigrationError
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
+from livemig.migration.postcopy import PostcopyIncoming
 from livemig.migration.ram import RamDirectLoad, RamLoadHandler
 from livemig.migration.return_path import DestinationReturnPath
 from livemig.migration.status import AnnouncesStatus, StatusMachine
@@ -42,6 +43,7 @@ from livemig.wire import (
     StreamError,
     decode_multifd_init,
 )
+from livemig.wire.postcopy import PostcopyAdvise, RamDiscard
 
 log = logging.getLogger("livemig.migration")
 EventCallback = Callable[[str, dict | None], None]
@@ -137,6 +139,7 @@ class IncomingState(AnnouncesStatus):
         self._costs_sent_at = 0.0
         self.device_cost_ms = 0.0
         self.final_costs: dict[str, float] = {}     # at completion, measured-* included
+        self.postcopy: PostcopyIncoming | None = None
 
     # -- QMP entry points -----------------------------------------------------------------
     def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:
@@ -174,6 +177,12 @@ class IncomingState(AnnouncesStatus):
                                           for k, v in self.load_times.items()}
         if status is not S.SETUP:
             info["x-load-costs"] = self._load_costs_info()
+        if self.postcopy is not None:
+            pc = info["x-postcopy"] = self.postcopy.info()
+            if self.caps.postcopy_blocktime:
+                # QEMU's figures: time the (one) vCPU waited on faulted pages, ms.
+                info["postcopy-blocktime"] = pc["blocked-ms"]
+                info["postcopy-vcpu-blocktime"] = [pc["blocked-ms"]]
         return info
 
     def _load_costs_info(self) -> dict[str, Any]:
@@ -275,6 +284,12 @@ class IncomingState(AnnouncesStatus):
         # exit-on-error prints it (one line, as QEMU); otherwise query-migrate has it.
         log.info("%s", self.error_desc)
         savevm.qemu_loadvm_state_cleanup(self.savevm)
+        if self.postcopy is not None:
+            self.postcopy.close()
+            if self.machine.is_running():
+                # Pages it lacks will never come: stop the guest rather than let
+                # it block on them (QEMU would pause for recovery).
+                self.machine.vm_stop(RunState.PAUSED)
         if self.rp is not None:
             if self.peer_livemig:             # a QEMU source would call 0x4c01 invalid
                 self.rp.send_error(reason[:512])
@@ -376,6 +391,42 @@ class IncomingState(AnnouncesStatus):
     def set_device_cost(self, ms: float) -> None:
         self.device_cost_ms = ms
 
+    # -- postcopy (LoadvmHost; load thread) -----------------------------------------
+    def postcopy_ram_enabled(self) -> bool:
+        return self.caps.postcopy_ram
+
+    def postcopy_advise(self, advise: PostcopyAdvise) -> None:
+        if self.postcopy is not None:
+            raise LoadError("CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")
+        if advise.pagesize_summary is None:
+            return
+        self.postcopy = PostcopyIncoming(self)
+        self.postcopy.advise(advise)
+
+    def postcopy_ram_discard(self, discard: RamDiscard) -> None:
+        if self.postcopy is None or self.postcopy.listening:
+            raise LoadError(f"CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state "
+                            f"({0 if self.postcopy is None else 3})")
+        self.postcopy.discard(discard)
+
+    def postcopy_listen(self) -> None:
+        if self.postcopy is None or self.postcopy.listening:
+            raise LoadError(f"CMD_POSTCOPY_LISTEN in wrong postcopy state "
+                            f"({0 if self.postcopy is None else 3})")
+        self.postcopy.listen()
+        self._ram_load.placer = self.postcopy
+        self.mark("dst-postcopy-listen")
+        self._set(S.ACTIVE, S.POSTCOPY_ACTIVE)
+
+    def postcopy_run(self) -> None:
+        """loadvm_postcopy_handle_run: the devices are complete, the guest runs."""
+        if self.postcopy is None or not self.postcopy.listening:
+            raise LoadError("CMD_POSTCOPY_RUN in wrong postcopy state (1)")
+        savevm.qemu_loadvm_state_complete(self.savevm, self.clock, postcopy_run=True)
+        self.mark("dst-postcopy-run")
+        self._start_guest()
+        self.mark("dst-vm-started")
+
     def multifd_recv_sync_main(self) -> None:
         if self.multifd is not None:
             self._multifd_flushes += 1
@@ -384,7 +435,7 @@ class IncomingState(AnnouncesStatus):
     def _load(self) -> None:
         self.savevm = savevm.SaveVMState()
         self.global_state = GlobalStateHandler()
-        ram = RamLoadHandler(self.machine)
+        ram = self._ram_load = RamLoadHandler(self.machine)
         for h in (ram, *self.machine.vmstate_handlers(), self.global_state):
             self.savevm.register_savevm_live(h)
         # No record of ours comes near 16 MiB (device data goes in 1 MiB chunks): a
@@ -410,6 +461,25 @@ class IncomingState(AnnouncesStatus):
             self.multifd.shutdown()
             self.multifd.close()
         self.mark("dst-loaded")
+        if self.postcopy is not None and self.postcopy.listening:
+            self._complete_postcopy()
+            return
+        self._start_guest()
+        self.mark("dst-vm-started")
+        self.final_costs = {**self.load_costs(self.clock()), **self.measured_costs()}
+        self._set(S.ACTIVE, S.COMPLETED)
+        self._shut_and_close()
+
+    def _complete_postcopy(self) -> None:
+        """Every page is in: disarm userfaultfd, then completed and SHUT."""
+        assert self.postcopy is not None
+        self._ram_load.placer = None
+        self.postcopy.close()
+        self._set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+        self._shut_and_close()
+
+    def _start_guest(self) -> None:
+        """The run state the source's globalstate says (running: if not -S)."""
         received = self.global_state.runstate or "running"
         if received == "running":
             if self.machine.autostart:
@@ -422,9 +492,8 @@ class IncomingState(AnnouncesStatus):
                 raise LoadError(f"globalstate: run state '{received}' cannot follow an "
                                 "incoming migration")
             self.machine.set_runstate(RunState(received))
-        self.mark("dst-vm-started")
-        self.final_costs = {**self.load_costs(self.clock()), **self.measured_costs()}
-        self._set(S.ACTIVE, S.COMPLETED)
+
+    def _shut_and_close(self) -> None:
         if self.rp is not None:
             if self.peer_livemig:             # what it really cost, for the source to show
                 self.rp.send_load_costs(self.final_costs)

@@ -71,6 +71,8 @@ class RamFigures:
     dirty_pages_rate: int = 0
     remaining: int = 0
     multifd_bytes: int = 0
+    postcopy_requests: int = 0     # REQ_PAGES the destination sent
+    postcopy_bytes: int = 0        # RAM bytes sent once postcopy began
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ def snapshot_stats(stats: SourceStats) -> SourceStats:
     return replace(stats, times=times, windows=list(stats.windows[-WINDOWS_SHOWN:]))
 
 
-_SHOWS_RAM = (S.ACTIVE, S.CANCELLING, S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED)
+_SHOWS_RAM = (S.ACTIVE, S.CANCELLING, S.PRE_SWITCHOVER, S.DEVICE, S.POSTCOPY_ACTIVE,
+              S.COMPLETED)
 
 
 def _estimate_info(s: SourceSnapshot, done: bool) -> dict[str, Any]:
@@ -147,13 +150,13 @@ def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
             "dirty-pages-rate": 0 if done else r.dirty_pages_rate,
             "mbps": round(s.stats.mbps, 2),
             "dirty-sync-count": r.dirty_sync_count,
-            "postcopy-requests": 0,
+            "postcopy-requests": r.postcopy_requests,
             "page-size": PAGE_SIZE,
             "multifd-bytes": r.multifd_bytes,
             "pages-per-second": int(s.stats.pages_per_second),
             "precopy-bytes": r.precopy_pages * PAGE_SIZE,
             "downtime-bytes": r.downtime_pages * PAGE_SIZE,
-            "postcopy-bytes": 0,
+            "postcopy-bytes": r.postcopy_bytes,
             "dirty-sync-missed-zero-copy": 0,
         }
         if s.cpu_throttle_percentage is not None and not done:

@@ -9,13 +9,14 @@ thread (``source.py``) only gathers the snapshot and carries out the
 action, so the decision is unit-tested in virtual time (``tests/unit/
 test_policy.py``) instead of through real processes and real clocks.
 
-Actions today: :class:`Sync`, :class:`Complete`, :class:`Fail` (stalled
-for ``x-stall-timeout``: :func:`stall_verdict` on the :class:`Convergence`
-folded from each sync), :class:`Iterate`, :class:`Idle` (the window's budget
-is spent: send nothing), and after a pass :class:`CloseWindow`,
-:class:`Wait` (for the rate limit, or for the destination's switchover ACK)
-or ``None`` (go on at once). Throttling and postcopy are actions to add
-here, beside these.
+Actions today: :class:`Sync`, :class:`Complete`, :class:`StartPostcopy`
+(``migrate-start-postcopy`` was asked, what only precopy can move fits and
+switchover is allowed: QEMU's rule, so switchover-ack gates postcopy too),
+:class:`Fail` (stalled for ``x-stall-timeout``: :func:`stall_verdict` on the
+:class:`Convergence` folded from each sync), :class:`Iterate`, :class:`Idle`
+(the window's budget is spent: send nothing), and after a pass
+:class:`CloseWindow`, :class:`Wait` (for the rate limit, or for the
+destination's switchover ACK) or ``None`` (go on at once).
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ class IterationStats:
     convergence: Convergence = Convergence()
     stall_timeout_s: float = 0.0  # x-stall-timeout; 0: never fail a stall
     fits: bool = True             # the fixed switchover costs stay under downtime-limit
+    start_postcopy: bool = False  # migrate-start-postcopy was asked
+    must_precopy: int = 0         # of ``pending``, what postcopy cannot move (not RAM)
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,12 @@ class Sync:
 @dataclass(frozen=True)
 class Complete:
     """Stop the guest and send what is left (migration_completion)."""
+
+
+@dataclass(frozen=True)
+class StartPostcopy:
+    """Stop the guest, send the device state, run it on the destination; RAM
+    follows on demand (postcopy_start)."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,7 @@ class Wait:
     reason: str                  # "rate-limit" or "switchover-ack"
 
 
-IterationAction = Sync | Complete | Fail | Iterate | Idle
+IterationAction = Sync | Complete | StartPostcopy | Fail | Iterate | Idle
 PassEndAction = CloseWindow | Wait | None
 
 
@@ -254,6 +263,8 @@ def migration_iteration_run(s: IterationStats) -> IterationAction:
         return Sync()
     if s.fits and switchover.complete_ready(s.pending, s.threshold, s.can_switchover):
         return Complete()
+    if s.start_postcopy and s.must_precopy <= s.threshold and s.can_switchover:
+        return StartPostcopy()
     verdict = stall_verdict(s.convergence, s.now, s.stall_timeout_s)
     if verdict is not None:
         return Fail(verdict)
@@ -308,6 +319,9 @@ class IterationEngine(Protocol):
     def complete(self) -> None:
         """Stop the guest, send the rest, wait for the destination."""
 
+    def postcopy_start(self) -> None:
+        """Switch to postcopy and carry it to its end."""
+
     def fail(self, desc: str) -> None:
         """Give up: the migration fails with ``desc``, the guest runs on."""
 
@@ -334,6 +348,9 @@ def migration_iterate_until_complete(e: IterationEngine) -> None:
             action = migration_iteration_run(s)
         if isinstance(action, Complete):
             e.complete()
+            return
+        if isinstance(action, StartPostcopy):
+            e.postcopy_start()
             return
         if isinstance(action, Fail):
             e.fail(action.desc)

@@ -41,6 +41,23 @@ DIRECT_PAGES = 256                 # records one direct read on the destination 
 DOWNTIME_BATCH_PAGES = BATCH_PAGES * 4
 SCAN_PAGES = 1 << 15               # bitmap stretch scanned per lookup
 MAX_WAIT_S = 0.05                  # QEMU's MAX_WAIT: one iterate call sends at most 50 ms
+POSTCOPY_BATCH_PAGES = 64          # background pages between looks at the requests
+
+
+class PageRequests(Protocol):
+    """Postcopy's faulted pages (``postcopy.PostcopySource``): they go first."""
+
+    def take(self) -> np.ndarray:
+        """Page numbers the destination asked for since the last call (may repeat)."""
+
+
+class PagePlacer(Protocol):
+    """Postcopy's destination (``postcopy.PostcopyIncoming``): pages are placed
+    whole through userfaultfd, never written in place, once it listens."""
+
+    def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None: ...
+
+    def place_zero_pages(self, idx: np.ndarray) -> None: ...
 
 
 class MultifdPages(Protocol):
@@ -66,6 +83,7 @@ class RamCounters:
     dirty_pages_rate: int = 0
     dirty_bytes_last_sync: int = 0
     pages_in_window: int = 0
+    postcopy_bytes: int = 0        # RAM bytes sent once postcopy began
     periods: int = 0               # dirty-rate periods (>= 1 s) closed so far
     period_dirty_bytes: int = 0    # newly dirtied bytes in the last closed period
 
@@ -107,6 +125,8 @@ class RamSaveHandler(SaveVMHandlers):
         self._iov["len"][2::2] = 8
         self._hdr_scratch = np.empty(8 * DOWNTIME_BATCH_PAGES + 256, dtype=np.uint8)
         self._hdr_steps = np.arange(DOWNTIME_BATCH_PAGES, dtype=np.uint64) * np.uint64(8)
+        self.has_postcopy = False          # postcopy-ram: RAM may follow the guest
+        self.requests: PageRequests | None = None   # set when postcopy begins
 
     # -- dirty tracking ---------------------------------------------------------
     def bitmap_sync(self) -> None:
@@ -163,9 +183,16 @@ class RamSaveHandler(SaveVMHandlers):
         self._multifd_flush(out)
         deadline = time.monotonic() + MAX_WAIT_S
         done = False
+        if self.requests is not None:
+            # Requested pages go even over the rate limit (QEMU: while not
+            # exceeded *or* postcopy_has_request): the guest waits on them.
+            self._send_requested(out)
         while not out.rate_exceeded():
             left = out.budget_left()
             limit = BATCH_PAGES if left is None else max(1, min(BATCH_PAGES, left // 4096))
+            if self.requests is not None:     # postcopy: faulted pages jump the queue
+                self._send_requested(out)
+                limit = min(limit, POSTCOPY_BATCH_PAGES)
             idx = self._next_dirty(limit)
             if idx.size == 0:
                 done = True
@@ -175,6 +202,18 @@ class RamSaveHandler(SaveVMHandlers):
                 break
         out.write(encode_ram_eos())
         return done
+
+    def _send_requested(self, out: OutStream) -> None:
+        """The pages asked for that are still to send (the others went already)."""
+        assert self.requests is not None
+        want = self.requests.take()
+        if want.size:
+            want = np.unique(want)
+            want = want[self.bitmap[want]]
+            if want.size:
+                self.bitmap[want] = False
+                self._send_pages(out, want, downtime=True)
+                out.flush()
 
     def save_live_complete_precopy(self, out: OutStream) -> None:
         if self.multifd is not None:
@@ -260,7 +299,9 @@ class RamSaveHandler(SaveVMHandlers):
                                            scratch=self._scratch))
             self._last_block = name
             c.normal += n_normal
-            if downtime:
+            if self.requests is not None:
+                c.postcopy_bytes += n_normal * TARGET_PAGE_SIZE
+            elif downtime:
                 c.downtime_bytes += n_normal * TARGET_PAGE_SIZE
             else:
                 c.precopy_bytes += n_normal * TARGET_PAGE_SIZE
@@ -303,12 +344,21 @@ class RamLoadHandler(SaveVMHandlers):
     def __init__(self, machine) -> None:
         self.ram = machine.ram
         self.pages_loaded = 0
+        self.has_postcopy = True           # its pages may come after the guest runs
+        self.placer: PagePlacer | None = None   # set at POSTCOPY_LISTEN
 
     def load_setup(self, ctx: LoadContext) -> None:
         self.pages_loaded = 0
 
     def load_event(self, event) -> None:
-        if isinstance(event, RamPages):
+        if self.placer is not None and isinstance(event, (RamPages, RamZeroPages)):
+            idx = self._page_numbers(event.block, event.offsets)
+            if isinstance(event, RamPages):
+                self.placer.place_pages(idx, event.data)
+            else:
+                self.placer.place_zero_pages(idx)
+            self.pages_loaded += int(idx.size)
+        elif isinstance(event, RamPages):
             idx = self._page_numbers(event.block, event.offsets)
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             if hi - lo == idx.size and (idx.size < 3 or bool((np.diff(idx) == 1).all())):
@@ -385,6 +435,8 @@ class RamDirectLoad:
 
     def _guess(self, offset: int) -> int:
         """How many pages from ``offset`` on may be guessed (not loaded yet)."""
+        if self.ram.postcopy_armed:
+            return 0             # postcopy: pages are placed whole (UFFDIO_COPY), never read in
         first = offset >> TARGET_PAGE_BITS
         ahead = self.ram.loaded[first:first + DIRECT_PAGES]
         hit = np.flatnonzero(ahead)

@@ -27,6 +27,7 @@ from livemig.wire import (
     encode_x_error,
     encode_x_load_costs,
 )
+from livemig.wire.return_path import ReqPages, encode_req_pages
 
 log = logging.getLogger("livemig.migration")
 CHANNEL_ERROR = "Channel error: Input/output error"
@@ -37,8 +38,10 @@ class SourceReturnPath:
 
     def __init__(self, channel, on_ack: Callable[[], None],
                  on_costs: Callable[[dict[str, float]], None] | None = None,
-                 on_pong: Callable[[int], None] | None = None) -> None:
+                 on_pong: Callable[[int], None] | None = None,
+                 on_req_pages: Callable[[ReqPages], None] | None = None) -> None:
         self.channel = channel
+        self.on_req_pages = on_req_pages
         self.on_ack = on_ack
         self.on_costs = on_costs
         self.on_pong = on_pong
@@ -95,6 +98,15 @@ class SourceReturnPath:
         elif isinstance(ev, XLoadCosts):
             if self.on_costs is not None:
                 self.on_costs(ev.costs)
+        elif isinstance(ev, ReqPages):
+            if self.on_req_pages is None:
+                self._fail("Received REQ_PAGES without postcopy-ram")
+                return True
+            try:
+                self.on_req_pages(ev)
+            except MigrationError as exc:
+                self._fail(exc.desc)
+                return True
         elif isinstance(ev, XError):
             self.dest_error = ev.text
         elif isinstance(ev, Shut):
@@ -165,6 +177,10 @@ class DestinationReturnPath:
 
     def send_load_costs(self, costs: dict[str, float]) -> None:
         self._send(encode_x_load_costs(costs))
+
+    def send_req_pages(self, start: int, length: int, block: str | None = None) -> None:
+        """REQ_PAGES (REQ_PAGES_ID when ``block`` is named): postcopy's fault."""
+        self._send(encode_req_pages(start, length, block))
 
     def send_shut(self, value: int) -> None:
         self._send(encode_shut(value))

@@ -43,6 +43,7 @@ from livemig.wire import (
     SectionStart,
     SectionType,
     StreamDecoder,
+    StreamError,
     VmDescription,
     encode_command,
     encode_configuration,
@@ -51,6 +52,12 @@ from livemig.wire import (
     encode_header,
     encode_section_header,
     encode_vmdesc,
+)
+from livemig.wire.postcopy import (
+    PostcopyAdvise,
+    RamDiscard,
+    decode_postcopy_advise,
+    decode_postcopy_ram_discard,
 )
 
 _SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
@@ -152,12 +159,22 @@ def qemu_savevm_state_pending_exact(state: SaveVMState) -> int:
     return sum(h.state_pending_exact() for _, h in state.sections(iterable=True))
 
 
-def qemu_savevm_state_iterate(state: SaveVMState, f: OutStream) -> bool:
+def qemu_savevm_state_must_precopy(state: SaveVMState) -> int:
+    """Of the estimate, what only precopy can move (QEMU's ``must_precopy``:
+    the handlers without ``has_postcopy``)."""
+    return sum(h.state_pending_estimate() for _, h in state.sections(iterable=True)
+               if not h.has_postcopy)
+
+
+def qemu_savevm_state_iterate(state: SaveVMState, f: OutStream, *,
+                              postcopy: bool = False) -> bool:
     """A PART section per iterable handler, each gets its turn (QEMU 9.0's
     no-starvation rule) until the rate limit is reached. True when every
-    handler had nothing left to send."""
+    handler had nothing left to send. In postcopy only ``has_postcopy`` ones."""
     all_done = True
     for sid, h in state.sections(iterable=True):
+        if postcopy and not h.has_postcopy:
+            continue
         if f.rate_exceeded():
             all_done = False
             break
@@ -167,11 +184,14 @@ def qemu_savevm_state_iterate(state: SaveVMState, f: OutStream) -> bool:
     return all_done
 
 
-def qemu_savevm_state_complete_precopy_iterable(state: SaveVMState, f: OutStream) -> None:
+def qemu_savevm_state_complete_precopy_iterable(state: SaveVMState, f: OutStream, *,
+                                                in_postcopy: bool = False) -> None:
     """The guest is stopped: an END section per iterable handler, with all
-    that is left."""
+    that is left (``in_postcopy``: only those without ``has_postcopy``)."""
     qemu_savevm_send_switchover_start(f)
     for sid, h in state.sections(iterable=True):
+        if in_postcopy and h.has_postcopy:
+            continue
         with _section(f, SectionType.SECTION_END, sid, h):
             h.save_live_complete_precopy(f)
 
@@ -179,12 +199,32 @@ def qemu_savevm_state_complete_precopy_iterable(state: SaveVMState, f: OutStream
 def qemu_savevm_state_complete_precopy_non_iterable(state: SaveVMState, f: OutStream) -> None:
     """A FULL section per other handler (device state, vCPU, globalstate),
     EOF, then the VM description JSON, flushed."""
+    qemu_savevm_state_non_iterable(state, f)
+    qemu_savevm_state_eof(state, f)
+
+
+def qemu_savevm_state_non_iterable(state: SaveVMState, f: OutStream) -> None:
+    """A FULL section per non-iterable handler (postcopy packages these)."""
     for sid, h in state.sections(iterable=False):
         with _section(f, SectionType.SECTION_FULL, sid, h):
             h.save_state(f)
+
+
+def qemu_savevm_state_eof(state: SaveVMState, f: OutStream) -> None:
+    """EOF, then the VM description JSON, flushed."""
     f.write(encode_eof())
     f.write(encode_vmdesc(qemu_savevm_state_vmdesc(state, state.configuration)))
     f.flush()
+
+
+def qemu_savevm_state_complete_postcopy(state: SaveVMState, f: OutStream) -> None:
+    """Postcopy's end: an END section per ``has_postcopy`` handler with what
+    is left, then EOF and the VM description."""
+    for sid, h in state.sections(iterable=True):
+        if h.has_postcopy:
+            with _section(f, SectionType.SECTION_END, sid, h):
+                h.save_live_complete_precopy(f)
+    qemu_savevm_state_eof(state, f)
 
 
 def configuration_vmdesc(machine_type: str, uuid: bytes | None) -> dict[str, Any]:
@@ -265,6 +305,19 @@ class LoadvmHost(LoadContext, Protocol):
     def mark(self, name: str) -> None:
         """A load checkpoint (``x-load-checkpoints``)."""
 
+    def postcopy_advise(self, advise: PostcopyAdvise) -> None:
+        """MIG_CMD_POSTCOPY_ADVISE (its length already checked against postcopy-ram)."""
+
+    def postcopy_ram_discard(self, discard: RamDiscard) -> None: ...
+
+    def postcopy_listen(self) -> None:
+        """From here on pages arrive while the guest may run (userfaultfd armed)."""
+
+    def postcopy_run(self) -> None:
+        """The device state is in: complete the devices and start the guest."""
+
+    def postcopy_ram_enabled(self) -> bool: ...
+
 
 class DirectPages(Protocol):
     """Reads runs of page records straight into guest RAM (``ram.RamDirectLoad``)."""
@@ -298,9 +351,28 @@ def qemu_loadvm_state_setup(state: SaveVMState, host: LoadvmHost) -> None:
 
 
 def loadvm_process_command(host: LoadvmHost, ev: Command) -> None:
-    """MIG_CMD_*: the return path and its pings; SWITCHOVER_START needs nothing."""
+    """MIG_CMD_*: the return path and its pings, postcopy's commands;
+    SWITCHOVER_START and PACKAGED (decoded in line) need nothing."""
     if ev.cmd == MigCmd.OPEN_RETURN_PATH:
         host.open_return_path()
+    elif ev.cmd == MigCmd.POSTCOPY_ADVISE:
+        try:
+            advise = decode_postcopy_advise(ev.payload, postcopy_ram=host.postcopy_ram_enabled())
+        except StreamError as exc:
+            raise LoadError(exc.message) from None
+        host.postcopy_advise(advise)
+    elif ev.cmd == MigCmd.POSTCOPY_RAM_DISCARD:
+        try:
+            discard = decode_postcopy_ram_discard(ev.payload)
+        except StreamError as exc:
+            raise LoadError(exc.message) from None
+        host.postcopy_ram_discard(discard)
+    elif ev.cmd == MigCmd.POSTCOPY_LISTEN:
+        host.postcopy_listen()
+    elif ev.cmd == MigCmd.POSTCOPY_RUN:
+        host.postcopy_run()
+    elif ev.cmd in (MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
+        raise LoadError(f"{ev.cmd.name}: not supported by livemig (no postcopy recovery)")
     elif ev.cmd == MigCmd.PING:
         if not host.has_return_path():
             raise LoadError(f"CMD_PING (0x{int.from_bytes(ev.payload, 'big'):x}) "
@@ -417,7 +489,17 @@ def qemu_loadvm_state(state: SaveVMState, host: LoadvmHost, dec: StreamDecoder, 
     ``state.load_complete_s``."""
     qemu_loadvm_state_main(state, host, dec, machine_type=machine_type, uuid=uuid,
                            clock=clock, direct=direct)
+    qemu_loadvm_state_complete(state, clock)
+
+
+def qemu_loadvm_state_complete(state: SaveVMState, clock: Callable[[], float] = time.monotonic,
+                               *, postcopy_run: bool = False) -> None:
+    """Every handler's load_complete, once each. ``postcopy_run``: at POSTCOPY_RUN,
+    all but the ``has_postcopy`` ones (their state is still arriving), so the
+    devices are complete before the guest runs on the destination."""
     for h in state.handlers:
+        if h.idstr in state.load_complete_s or (postcopy_run and h.has_postcopy):
+            continue
         t0 = clock()
         try:
             h.load_complete()

@@ -36,6 +36,12 @@ from livemig.migration.info import (
     snapshot_stats,
 )
 from livemig.migration.multifd import MultifdSender
+from livemig.migration.postcopy import (
+    PostcopySource,
+    postcopy_run_to_end,
+    postcopy_start,
+    send_postcopy_advise,
+)
 from livemig.migration.qemu_file import QEMUFile
 from livemig.migration.ram import RamSaveHandler
 from livemig.migration.return_path import SourceReturnPath
@@ -94,6 +100,10 @@ class MigrationState(AnnouncesStatus):
         self.hello_answered = False
         self.rp_rtt_ms = 0.0
         self._ping_sent_at: float | None = None
+        self.start_postcopy = False        # migrate-start-postcopy asked
+        self.in_postcopy = False
+        self.postcopy: PostcopySource | None = None
+        self.postcopy_discarded = 0
         self._continue.clear()
         self._wake.clear()
 
@@ -143,6 +153,11 @@ class MigrationState(AnnouncesStatus):
             self.multifd.shutdown()
         if self.rp is not None:
             self.rp.shutdown()
+
+    def migrate_start_postcopy(self) -> None:
+        """@upper_half: the next pass that may switches to postcopy."""
+        self.start_postcopy = True
+        self._wake.set()
 
     def continue_(self) -> None:
         self._continue.set()
@@ -224,11 +239,15 @@ class MigrationState(AnnouncesStatus):
         uuid = self.machine.uuid_bytes if self.caps.validate_uuid else None
         savevm.qemu_savevm_state_header(f, self.machine.machine_type, uuid)
         self.savevm.configuration = (self.machine.machine_type, uuid)
-        if self.caps.return_path:
+        if self.caps.postcopy_ram:
+            self.postcopy = PostcopySource(self.machine.ram.idstr, self.machine.ram.size)
+        if self.caps.return_path or self.caps.postcopy_ram:     # postcopy needs it (QEMU)
             if not channel.supports_return_path:
                 raise MigrationError("Unable to open return-path for postcopy")
-            self.rp = SourceReturnPath(channel.return_path(), self.on_switchover_ack,
-                                       on_costs=self.on_load_costs, on_pong=self.on_pong)
+            self.rp = SourceReturnPath(
+                channel.return_path(), self.on_switchover_ack, on_costs=self.on_load_costs,
+                on_pong=self.on_pong,
+                on_req_pages=self.postcopy.on_req_pages if self.postcopy else None)
             self.rp.start()
             savevm.qemu_savevm_send_open_return_path(f)
             self._ping_sent_at = self.clock()
@@ -236,9 +255,12 @@ class MigrationState(AnnouncesStatus):
             # "I read livemig's messages": a livemig destination then reports its
             # load costs; a QEMU destination only echoes the value.
             savevm.qemu_savevm_send_ping(f, LIVEMIG_HELLO)
+        if self.caps.postcopy_ram:
+            send_postcopy_advise(self)
         if self.caps.multifd:
             self.multifd = self._open_multifd(address)
         self.ram = RamSaveHandler(self.machine, self._on_sync, multifd=self.multifd)
+        self.ram.has_postcopy = self.caps.postcopy_ram
         self._register(self.ram, *self.machine.vmstate_handlers(), self.global_state)
         savevm.qemu_savevm_state_setup(self.savevm, f, self)
         if self.caps.switchover_ack:
@@ -332,7 +354,8 @@ class MigrationState(AnnouncesStatus):
             pending_exact=pending is not None, threshold=self.stats.threshold_bytes,
             can_switchover=self._can_switchover(), rate_exceeded=self.file.rate_exceeded(),
             convergence=self.stats.convergence, stall_timeout_s=self.params.stall_timeout_s,
-            fits=self._fits())
+            fits=self._fits(), start_postcopy=self.start_postcopy,
+            must_precopy=savevm.qemu_savevm_state_must_precopy(self.savevm))
 
     def _fits(self) -> bool:
         """Can any switchover meet downtime-limit? Not known until the destination
@@ -355,6 +378,10 @@ class MigrationState(AnnouncesStatus):
     def complete(self) -> None:
         assert self.file is not None
         self._completion(self.file)
+
+    def postcopy_start(self) -> None:
+        postcopy_start(self)
+        postcopy_run_to_end(self)
 
     def fail(self, desc: str) -> None:
         raise MigrationError(desc)
@@ -519,7 +546,11 @@ class MigrationState(AnnouncesStatus):
                 if self.error_desc is None:
                     self.error_desc = "migration failed"
                 self._set(status, S.FAILED)
-            if self.machine.runstate is RunState.FINISH_MIGRATE:
+            if self.in_postcopy:
+                # The guest's truth is on the destination now: never run it here
+                # (QEMU would pause for recovery; livemig has none yet).
+                log.info("postcopy failed: the source guest stays stopped")
+            elif self.machine.runstate is RunState.FINISH_MIGRATE:
                 if self.vm_was_running:
                     self.machine.vm_start()
                 else:
@@ -559,7 +590,9 @@ class MigrationState(AnnouncesStatus):
                 dirty_sync_count=c.dirty_sync_count,
                 dirty_pages_rate=c.dirty_pages_rate,
                 remaining=ram.remaining_bytes(),
-                multifd_bytes=mfd.bytes_sent if mfd else 0)
+                multifd_bytes=mfd.bytes_sent if mfd else 0,
+                postcopy_requests=self.postcopy.requests if self.postcopy else 0,
+                postcopy_bytes=c.postcopy_bytes)
         with self._lock:
             acked = self.switchover_acked
             stats = snapshot_stats(self.stats)

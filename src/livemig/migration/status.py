@@ -37,11 +37,15 @@ class MigrationStatus(StrEnum):
 S = MigrationStatus
 _DONE = (S.COMPLETED, S.FAILED, S.CANCELLED)
 
-# Source (precopy) transitions; the destination uses the subset it reaches.
+# Source transitions; the destination uses the subset it reaches.
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.NONE: frozenset({S.SETUP}),
     S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING, S.CANCELLED}),
-    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED, S.FAILED, S.CANCELLING,
+                         S.POSTCOPY_ACTIVE}),
+    # postcopy (migration/postcopy.py): once the destination runs the guest there
+    # is no going back to the source; without recovery a failure is final.
+    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED}),
     S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.FAILED, S.CANCELLING}),
     S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED}),
@@ -50,8 +54,9 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.CANCELLED: frozenset({S.SETUP}),
 }
 
-# migration_is_running() in QEMU (the subset precopy reaches).
-RUNNING = frozenset({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING})
+# migration_is_running() in QEMU (the subset livemig reaches).
+RUNNING = frozenset({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING,
+                     S.POSTCOPY_ACTIVE})
 
 
 class IllegalTransition(Exception):

@@ -84,6 +84,8 @@ GLOBAL_PROPERTY: Final[dict[str, str]] = {
 # (libvirt 9.0 sets it on every destination).
 IMPLEMENTED: Final = frozenset(
     {
+        "postcopy-ram",
+        "postcopy-blocktime",
         "events",
         "return-path",
         "switchover-ack",

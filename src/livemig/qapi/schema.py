@@ -258,7 +258,8 @@ MIGRATION_INFO: Final = struct("MigrationInfo", {
     "*x-switchover-ack": X_SWITCHOVER_ACK_INFO, "*x-windows": Array("any"),
     "*x-downtime-estimate": "any", "*x-convergence": "any",
     "*x-downtime-checkpoints": "any", "*x-load-checkpoints": "any",
-    "*x-load-costs": "any"})
+    "*x-load-costs": "any", "*postcopy-blocktime": "uint32",
+    "*postcopy-vcpu-blocktime": Array("uint32"), "*x-postcopy": "any"})
 X_ACCEL_DIGEST_INFO: Final = struct("XAccelDigestInfo", {"sha256": "str"})
 
 # SchemaInfo (qapi/introspect.json): query-qmp-schema's own return type.

@@ -243,12 +243,15 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             except OSError:
                 raise QMPError("An IO error has occurred") from None
 
-    # -- postcopy: livemig migrates precopy only (postcopy-ram is never on), so these
-    # always give QEMU's refusal for "not in postcopy".
+    # -- postcopy (no recovery yet: pause and recover give QEMU's "not paused" texts)
     @reg.register("migrate-start-postcopy")
     def migrate_start_postcopy(args: dict) -> None:
-        raise QMPError("Enable postcopy with migrate_set_capability before the start of "
-                       "migration")
+        if not vm.caps.postcopy_ram:
+            raise QMPError("Enable postcopy with migrate_set_capability before the start of "
+                           "migration")
+        if vm.source.status is MigrationStatus.NONE:
+            raise QMPError("Postcopy must be started after migration has been started")
+        vm.source.migrate_start_postcopy()     # no error once finished: QEMU's (racy) rule
 
     @reg.register("migrate-pause", allow_oob=True)
     def migrate_pause(args: dict) -> None:

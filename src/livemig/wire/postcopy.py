@@ -104,7 +104,7 @@ def decode_postcopy_advise(payload: bytes, *, postcopy_ram: bool) -> PostcopyAdv
             raise StreamError("RAM postcopy is disabled but have 16 byte advise", 0)
         summary, tps = _ADVISE.unpack(payload)
         return PostcopyAdvise(summary, tps)
-    raise StreamError(f"loadvm_postcopy_handle_advise: invalid length {len(payload)}", 0)
+    raise StreamError(f"CMD_POSTCOPY_ADVISE invalid length ({len(payload)})", 0)
 
 
 def encode_postcopy_ram_discard(block: str, starts: npt.ArrayLike,

@@ -1,0 +1,134 @@
+"""Postcopy end to end (issue 15): real ``livemig run`` processes, the soft vCPU.
+
+The destination registers guest RAM with userfaultfd at POSTCOPY_LISTEN and
+runs the guest at POSTCOPY_RUN; pages it lacks are faulted in through
+REQ_PAGES while the rest keep flowing. Checks: byte-exact against the stopped
+source (destination -S: nothing runs there until every page is in), the walk
+pattern on a destination guest that ran through postcopy with faults, the
+statuses and events as QEMU's, and no userfaultfd left in the process after.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import (
+    ACCEL_FAST,
+    assert_same_guest,
+    event_trace,
+    qmp_error,
+    run_with,
+    runstate,
+    start_incoming,
+    start_pair,
+    vm_walk_problems,
+    wait_completed,
+    wait_event,
+    wait_guest_runs,
+    wait_until,
+)
+
+PC = {"postcopy-ram": True, "events": True}
+PC_ACK = {**PC, "return-path": True, "switchover-ack": True}
+
+
+def uffd_count(pid: int) -> int:
+    """userfaultfd descriptors the process holds (Linux /proc)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
+        except OSError:
+            pass
+    return n
+
+
+def uffd_ranges(pid: int) -> int:
+    """VMAs of the process registered for missing-page faults (smaps' ``um``)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        return sum(1 for line in f if line.startswith("VmFlags:") and "um" in line.split())
+
+
+@pytest.mark.timeout(60)
+def test_start_postcopy_refusals_in_qemus_words(vms):
+    async def body():
+        src, dst = await start_pair(vms)
+        err = await qmp_error(src, "migrate-start-postcopy")
+        assert str(err) == ("Enable postcopy with migrate_set_capability before the start of "
+                            "migration")
+        await src.set_caps(**{"postcopy-ram": True})
+        err = await qmp_error(src, "migrate-start-postcopy")
+        assert str(err) == "Postcopy must be started after migration has been started"
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("caps", [PC, PC_ACK], ids=["postcopy", "postcopy+switchover-ack"])
+def test_postcopy_byte_exact(vms, caps):
+    """-S destination: the device state arrives in the package, RAM after it
+    (discarded pages again), and the stopped source's RAM is the destination's."""
+    async def body():
+        src, dst = await start_pair(vms, src_caps=caps, paced=False)
+        await src.set_params(**{"max_bandwidth": 64 << 20})   # still in precopy when asked
+        await src.cmd("migrate", uri=await start_incoming(dst))
+        await wait_event(src, "MIGRATION", "active")
+        await src.cmd("migrate-start-postcopy")
+        await wait_event(src, "MIGRATION", "postcopy-active")
+        info = await wait_completed(src, timeout=45)
+        assert info["status"] == "completed", info
+        assert (await wait_completed(dst, timeout=10))["status"] == "completed"
+        assert await runstate(dst) == "paused"
+        await assert_same_guest(src, dst)
+        assert event_trace(src) == ["MIGRATION:setup", "MIGRATION:active", "STOP",
+                                    "MIGRATION:postcopy-active", "MIGRATION:completed"]
+        assert event_trace(dst) == ["MIGRATION:setup", "MIGRATION:active",
+                                    "MIGRATION:postcopy-active", "MIGRATION:completed"]
+        assert info["ram"]["postcopy-bytes"] > 0
+        assert info["ram"]["postcopy-requests"] == 0       # nothing ran there to fault
+        if caps.get("switchover-ack"):
+            assert info["x-switchover-ack"]["acked"] is True
+        assert uffd_count(dst.proc.pid) == 0
+        assert uffd_ranges(dst.proc.pid) == 0
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(90)
+def test_destination_guest_faults_its_pages_in(vms):
+    """The destination runs the guest at RUN; background pages are slowed
+    (max-postcopy-bandwidth) so the walk reaches pages not there yet: it
+    blocks in the fault, the page is requested and placed, the walk goes on,
+    and its pattern holds once every page is in."""
+    async def body():
+        src, dst = await start_pair(vms, src_caps=PC, dst_paused=False, paced=False,
+                                     devices=(ACCEL_FAST,),
+                                     dst_caps={**PC, "postcopy-blocktime": True})
+        await src.set_params(**{"max_bandwidth": 64 << 20,
+                                "max-postcopy-bandwidth": 4 << 20})
+        await src.cmd("migrate", uri=await start_incoming(dst))
+        await wait_event(src, "MIGRATION", "active")
+        await src.cmd("migrate-start-postcopy")
+        await wait_event(dst, "MIGRATION", "postcopy-active")
+        await wait_event(dst, "RESUME")
+        assert uffd_count(dst.proc.pid) == 1
+        assert uffd_ranges(dst.proc.pid) >= 1
+
+        async def faulted() -> bool:
+            return (await dst.cmd("query-migrate"))["x-postcopy"]["requests"] > 0
+        await wait_until(faulted, 30, "a page request from the destination")
+        info = await wait_completed(src, timeout=60)
+        assert info["status"] == "completed", info
+        assert info["ram"]["postcopy-requests"] > 0
+        dinfo = await wait_completed(dst, timeout=10)
+        assert dinfo["status"] == "completed"
+        pc = dinfo["x-postcopy"]
+        assert pc["requests"] >= info["ram"]["postcopy-requests"] > 0
+        assert pc["request-latency-ms"]["median"] > 0
+        assert dinfo["postcopy-blocktime"] == pc["blocked-ms"] > 0
+        assert dinfo["postcopy-vcpu-blocktime"] == [pc["blocked-ms"]]
+        await wait_guest_runs(dst)                     # still walking after the last page
+        assert uffd_count(dst.proc.pid) == 0 and uffd_ranges(dst.proc.pid) == 0
+        await dst.cmd("stop")
+        assert await vm_walk_problems(dst) == []
+        assert await runstate(src) == "postmigrate"
+    run_with(vms, body)
