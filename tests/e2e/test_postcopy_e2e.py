@@ -132,3 +132,101 @@ def test_destination_guest_faults_its_pages_in(vms):
         assert await vm_walk_problems(dst) == []
         assert await runstate(src) == "postmigrate"
     run_with(vms, body)
+
+
+# -- recovery ------------------------------------------------------------------------------
+
+async def _postcopy_running(vms, tmp_path, uri_of=None):
+    """A destination guest running in postcopy with slow background pages."""
+    src, dst = await start_pair(vms, src_caps=PC, dst_paused=False, paced=False,
+                                devices=(ACCEL_FAST,))
+    await src.set_params(**{"max_bandwidth": 64 << 20, "max-postcopy-bandwidth": 2 << 20})
+    uri = await start_incoming(dst)
+    await src.cmd("migrate", uri=uri if uri_of is None else uri_of(uri))
+    await wait_event(src, "MIGRATION", "active")
+    await src.cmd("migrate-start-postcopy")
+    await wait_event(dst, "MIGRATION", "postcopy-active")
+    await wait_event(dst, "RESUME")
+    return src, dst
+
+
+async def _recover_and_complete(src, dst, tmp_path):
+    await wait_event(src, "MIGRATION", "postcopy-paused")
+    await wait_event(dst, "MIGRATION", "postcopy-paused")
+    assert (await src.cmd("query-migrate"))["status"] == "postcopy-paused"
+    assert (await dst.cmd("query-migrate"))["status"] == "postcopy-paused"
+    assert await runstate(src) == "finish-migrate"       # never runs again here
+    assert uffd_count(dst.proc.pid) == 1                 # still armed: pages to come
+    err = await qmp_error(src, "migrate-recover", uri="unix:/nonexistent")
+    assert str(err) == "Migrate recover can only be run when postcopy is paused."
+    sock = f"unix:{tmp_path}/recover.sock"
+    await dst.cmd("migrate-recover", uri=sock)
+    await src.cmd("migrate", uri=sock, resume=True)
+    await wait_event(src, "MIGRATION", "postcopy-recover")
+    await wait_event(dst, "MIGRATION", "postcopy-recover")
+    info = await wait_completed(src, timeout=60)
+    assert info["status"] == "completed", info
+    assert (await wait_completed(dst, timeout=10))["status"] == "completed"
+    trace = [e for e in event_trace(dst) if e.startswith("MIGRATION")]
+    assert trace == ["MIGRATION:setup", "MIGRATION:active", "MIGRATION:postcopy-active",
+                     "MIGRATION:postcopy-paused", "MIGRATION:postcopy-recover-setup",
+                     "MIGRATION:postcopy-recover", "MIGRATION:postcopy-active",
+                     "MIGRATION:completed"]
+    assert [e for e in event_trace(src) if e.startswith("MIGRATION")] == trace
+    await wait_guest_runs(dst)
+    assert uffd_count(dst.proc.pid) == 0 and uffd_ranges(dst.proc.pid) == 0
+    await dst.cmd("stop")
+    assert await vm_walk_problems(dst) == []
+
+
+@pytest.mark.timeout(120)
+def test_migrate_pause_then_recover_and_resume(vms, tmp_path):
+    """migrate-pause on the source cuts the channel on purpose: both sides
+    pause, the destination guest waits; migrate-recover + migrate resume=true
+    finish it, byte for byte as the walk pattern says."""
+    async def body():
+        src, dst = await _postcopy_running(vms, tmp_path)
+        err = await qmp_error(src, "migrate", uri="unix:/nonexistent", resume=True)
+        assert str(err) == "Cannot resume if there is no paused migration"
+        await src.cmd("migrate-pause")
+        await _recover_and_complete(src, dst, tmp_path)
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(120)
+def test_network_cut_pauses_both_sides_and_recovery_completes(vms, tmp_path):
+    """The link resets (a relay between them cuts with RST) during postcopy."""
+    from fault_helpers import CutProxy, incoming_port
+    proxies: list[CutProxy] = []
+
+    def via_proxy(uri: str) -> str:
+        proxies.append(CutProxy(incoming_port(uri)))
+        return proxies[0].uri
+
+    async def body():
+        try:
+            src, dst = await _postcopy_running(vms, tmp_path, via_proxy)
+            proxies[0].cut("rst")
+            await _recover_and_complete(src, dst, tmp_path)
+        finally:
+            for p in proxies:
+                p.close()
+    run_with(vms, body)
+
+
+@pytest.mark.timeout(90)
+def test_source_killed_in_postcopy_leaves_the_destination_paused(vms, tmp_path):
+    """QEMU's behaviour: the destination reads EOF, goes postcopy-paused and
+    waits for a recovery (its guest keeps what it has and blocks on the rest);
+    it neither fails nor exits."""
+    async def body():
+        src, dst = await _postcopy_running(vms, tmp_path)
+        src.kill()
+        await wait_event(dst, "MIGRATION", "postcopy-paused")
+        info = await dst.cmd("query-migrate")
+        assert info["status"] == "postcopy-paused"
+        assert "error-desc" not in info
+        assert await runstate(dst) == "running"
+        assert dst.proc.poll() is None
+        assert uffd_count(dst.proc.pid) == 1
+    run_with(vms, body)

@@ -140,6 +140,8 @@ class IncomingState(AnnouncesStatus):
         self.device_cost_ms = 0.0
         self.final_costs: dict[str, float] = {}     # at completion, measured-* included
         self.postcopy: PostcopyIncoming | None = None
+        self._recover = threading.Event()       # migrate-recover gave a listener
+        self._recover_listener: Listener | None = None
 
     # -- QMP entry points -----------------------------------------------------------------
     def start(self, address, *, exit_on_error: bool = True, channel=None) -> None:
@@ -427,6 +429,74 @@ class IncomingState(AnnouncesStatus):
         self._start_guest()
         self.mark("dst-vm-started")
 
+    def postcopy_recv_bitmap(self, block: str) -> None:
+        """loadvm_handle_recv_bitmap: only while recovering."""
+        if self.postcopy is None or self.sm.status is not S.POSTCOPY_RECOVER:
+            raise LoadError("CMD_RECV_BITMAP: not in postcopy-recover state")
+        if block != self.machine.ram.idstr:
+            raise LoadError(f"CMD_RECV_BITMAP: can't find block '{block}'")
+        assert self.rp is not None
+        self.rp.send_recv_bitmap(block, self.postcopy.received_now())
+
+    def postcopy_resume(self) -> None:
+        """loadvm_postcopy_handle_resume: postcopy-active again, RESUME_ACK, and
+        the page requests the break swallowed go out again."""
+        if self.postcopy is None or self.sm.status is not S.POSTCOPY_RECOVER:
+            raise LoadError("Illegal resume received: not in postcopy-recover state")
+        assert self.rp is not None
+        self._set(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
+        self.rp.send_resume_ack()
+        self.postcopy.resend_requests()
+
+    # -- postcopy recovery (QMP entry points and the load thread) ---------------------
+    def migrate_recover(self, address) -> None:
+        """@upper_half: listen at ``address`` for the source's new channel (the
+        caller checked the status is postcopy-paused)."""
+        self._recover_listener = listen(address)
+        self._set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP)
+        self._recover.set()
+
+    def migrate_pause(self) -> None:
+        """@upper_half: ``migrate-pause`` here: cut the channel on purpose."""
+        if self.channel is not None:
+            self.channel.shutdown()
+
+    def _can_pause(self, exc: BaseException) -> bool:
+        """A broken channel in postcopy pauses (QEMU: postcopy_pause_incoming);
+        a protocol violation still fails."""
+        if self.postcopy is None or not self.postcopy.listening:
+            return False
+        if self.sm.status not in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+            return False
+        if isinstance(exc, (TransportError, OSError)):
+            return True
+        text = str(exc)
+        return "Truncated migration stream" in text or "stream ended" in text
+
+    def _postcopy_pause(self, dec: StreamDecoder) -> None:
+        """Paused: the guest runs on with what it has (and blocks on what it
+        lacks) until migrate-recover's listener gets the source's new channel."""
+        self._set(self.sm.status, S.POSTCOPY_PAUSED)
+        if self.rp is not None:
+            self.rp.close()
+            self.rp = None
+        if self.channel is not None:
+            self.channel.shutdown()
+            self.channel.close()
+            self.channel = None
+        self._recover.wait()
+        self._recover.clear()
+        listener = self._recover_listener
+        assert listener is not None
+        try:
+            self.channel = listener.accept()
+        finally:
+            listener.close()
+            self._recover_listener = None
+        self._set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER)
+        self.rp = DestinationReturnPath(self.channel.return_path())
+        dec.resume()
+
     def multifd_recv_sync_main(self) -> None:
         if self.multifd is not None:
             self._multifd_flushes += 1
@@ -443,13 +513,23 @@ class IncomingState(AnnouncesStatus):
         dec = StreamDecoder(self.savevm.payload_kinds(), max_payload=MAX_RECORD_BYTES)
         if self._preread:
             dec.receive_data(self._preread)    # the magic multifd classification read
-        # Page runs go straight into guest RAM where the channel can scatter.
+        # Page runs go straight into guest RAM where the channel can scatter
+        # (not once postcopy listens: RamDirectLoad checks ram.postcopy_armed).
         direct = (RamDirectLoad(self.machine.ram, ram, self.read_iovec)
                   if isinstance(self.channel, SocketChannel) else None)
-        savevm.qemu_loadvm_state(self.savevm, self, dec,
-                                 machine_type=self.machine.machine_type,
-                                 uuid=self.machine.uuid_bytes, clock=self.clock,
-                                 direct=direct)
+        while True:
+            try:
+                savevm.qemu_loadvm_state_main(self.savevm, self, dec,
+                                              machine_type=self.machine.machine_type,
+                                              uuid=self.machine.uuid_bytes, clock=self.clock,
+                                              direct=direct)
+                break
+            except (TransportError, OSError, StreamError, LoadError) as exc:
+                if not self._can_pause(exc):
+                    raise
+                log.info("postcopy paused: %s", exc)
+                self._postcopy_pause(dec)
+        savevm.qemu_loadvm_state_complete(self.savevm, self.clock)
         self._complete()
 
     def _complete(self) -> None:

@@ -45,10 +45,14 @@ from livemig.machine.ram import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 from livemig.machine.runstate import RunState
 from livemig.machine.userfaultfd import PageFault, Userfaultfd, page_runs
 from livemig.migration import savevm, switchover
-from livemig.migration.errors import LoadError, MigrationError
+from livemig.migration.errors import LoadError, MigrationCancelled, MigrationError
 from livemig.migration.info import ms as ms_of
+from livemig.migration.qemu_file import QEMUFile
+from livemig.migration.return_path import SourceReturnPath
 from livemig.migration.status import MigrationStatus as S
 from livemig.threadname import name_native_thread
+from livemig.transport import TransportError
+from livemig.wire.constants import MIGRATION_RESUME_ACK_VALUE
 from livemig.wire.postcopy import (
     PostcopyAdvise,
     RamDiscard,
@@ -56,9 +60,11 @@ from livemig.wire.postcopy import (
     encode_postcopy_advise,
     encode_postcopy_listen,
     encode_postcopy_ram_discards,
+    encode_postcopy_resume,
     encode_postcopy_run,
+    encode_recv_bitmap,
 )
-from livemig.wire.return_path import ReqPages
+from livemig.wire.return_path import RecvBitmap, ReqPages, ResumeAck
 
 if TYPE_CHECKING:
     from livemig.migration.destination import IncomingState
@@ -81,6 +87,36 @@ class PostcopySource:
         self.requests = 0              # query-migrate postcopy-requests
         self.last_block: str | None = None
         self.wake: threading.Event = threading.Event()
+        # recovery: the new address (QMP), the destination's bitmap and ACK (RP thread)
+        self._resume = threading.Event()
+        self.resume_address: Any = None
+        self.recv_bitmap: RecvBitmap | None = None
+        self.resume_ack = threading.Event()
+        self.recoveries = 0
+
+    def resume_to(self, address: Any) -> None:
+        self.resume_address = address
+        self._resume.set()
+
+    def on_rp_message(self, ev: ReqPages | RecvBitmap | ResumeAck) -> None:
+        """@bottom_half: postcopy's return-path messages."""
+        if isinstance(ev, ReqPages):
+            self.on_req_pages(ev)
+        elif isinstance(ev, RecvBitmap):
+            if ev.block != self.block:
+                raise MigrationError(f"ram_dirty_bitmap_reload: ramblock '{ev.block}' not found")
+            npages = self.block_size // TARGET_PAGE_SIZE
+            if len(ev.bitmap) != -(-npages // 64) * 8:
+                raise MigrationError(f"ram_dirty_bitmap_reload: ramblock '{ev.block}' bitmap "
+                                     f"size mismatch (0x{len(ev.bitmap):x} != "
+                                     f"0x{-(-npages // 64) * 8:x})")
+            self.recv_bitmap = ev
+            self.wake.set()
+        else:
+            if ev.value != MIGRATION_RESUME_ACK_VALUE:
+                raise MigrationError(f"illegal resume_ack value {ev.value}")
+            self.resume_ack.set()
+            self.wake.set()
 
     def on_req_pages(self, ev: ReqPages) -> None:
         """@bottom_half: migrate_handle_rp_req_pages's checks, with QEMU's texts."""
@@ -197,8 +233,106 @@ def postcopy_start(ms: MigrationState) -> None:
 
 
 def postcopy_run_to_end(ms: MigrationState) -> None:
-    """The postcopy phase: RAM's background pages until none is left (requests
-    first), then its END, EOF, and the destination's SHUT."""
+    """The postcopy phase to its end; a broken channel pauses it (status
+    postcopy-paused, the guest waits on the destination) until ``migrate
+    resume=true`` gives a new one (QEMU's postcopy_pause / postcopy_do_resume)."""
+    while True:
+        try:
+            _postcopy_send(ms)
+            return
+        except MigrationCancelled:
+            raise
+        except (MigrationError, TransportError, OSError) as exc:
+            if ms.sm.status is not S.POSTCOPY_ACTIVE:
+                raise
+            log.info("postcopy paused: %s", getattr(exc, "desc", None) or exc)
+            _postcopy_pause(ms)
+
+
+def _postcopy_pause(ms: MigrationState) -> None:
+    """Close the broken channel, wait for a new address, reconnect and do the
+    resume handshake; any failure there pauses again."""
+    pc = ms.postcopy
+    assert pc is not None
+    ms._set(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)
+    while True:
+        _drop_channel(ms)
+        pc.recv_bitmap = None
+        pc.resume_ack.clear()
+        while not pc._resume.wait(0.1):
+            if ms.sm.status is S.CANCELLING:
+                raise MigrationCancelled()
+        pc._resume.clear()
+        try:
+            _postcopy_resume(ms, pc.resume_address)
+            pc.recoveries += 1
+            return
+        except (MigrationError, TransportError, OSError) as exc:
+            log.info("postcopy resume failed: %s", getattr(exc, "desc", None) or exc)
+            old = ms.sm.status
+            if old in (S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER):
+                ms._set(old, S.POSTCOPY_PAUSED)
+
+
+def _drop_channel(ms: MigrationState) -> None:
+    if ms.rp is not None:
+        ms.rp.shutdown()
+        ms.rp.join(2.0)
+        ms.rp = None
+    if ms.channel is not None:
+        ms.channel.shutdown()
+        try:
+            ms.channel.close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+        ms.channel = None
+
+
+def _postcopy_resume(ms: MigrationState, address: Any) -> None:
+    """migrate_fd_connect (resume) + postcopy_do_resume: a new channel and
+    return path; RECV_BITMAP: what the destination lacks is dirty again;
+    POSTCOPY_RESUME; RESUME_ACK: postcopy-active."""
+    pc, ram = ms.postcopy, ms.ram
+    assert pc is not None and ram is not None
+    channel = ms._connect(address)
+    ms.channel = channel
+    if not channel.supports_return_path:
+        raise MigrationError("Unable to open return-path for postcopy")
+    f = ms.file = QEMUFile(channel)
+    f.set_rate_limit(int(ms.params.get("max-postcopy-bandwidth")))
+    ms.rp = SourceReturnPath(channel.return_path(), ms.on_switchover_ack,
+                             on_costs=ms.on_load_costs, on_pong=ms.on_pong,
+                             on_postcopy=pc.on_rp_message)
+    ms.rp.start()
+    ms._set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER)
+    ram.forget_last_block()
+    f.write(encode_recv_bitmap(ram.ram.idstr))
+    f.flush()
+    _wait(ms, lambda: pc.recv_bitmap is not None, "the destination's received bitmap")
+    assert pc.recv_bitmap is not None
+    received = pc.recv_bitmap.received(ram.ram.npages)
+    ram.bitmap[:] = ~received              # ram_dirty_bitmap_reload
+    f.write(encode_postcopy_resume())
+    f.flush()
+    _wait(ms, pc.resume_ack.is_set, "RESUME_ACK")
+    ms._set(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
+
+
+def _wait(ms: MigrationState, done: Any, what: str, timeout: float = 30.0) -> None:
+    pc = ms.postcopy
+    assert pc is not None
+    deadline = ms.clock() + timeout
+    while not done():
+        ms.check()
+        if ms.clock() > deadline:
+            raise MigrationError(f"postcopy resume: no {what} from the destination")
+        pc.wake.wait(0.05)
+        pc.wake.clear()
+
+
+def _postcopy_send(ms: MigrationState) -> None:
+    """RAM's background pages until none is left (requests first), then its
+    END, EOF, and the destination's SHUT."""
     f, ram, pc = ms.file, ms.ram, ms.postcopy
     assert f is not None and ram is not None and ms.channel is not None and pc is not None
     window_start = ms.clock()
@@ -414,6 +548,26 @@ class PostcopyIncoming:
         self.requests += 1
         rp = self.inc.rp
         if rp is not None:
+            block = None if self._last_rb_named else self.ram.idstr
+            self._last_rb_named = True
+            rp.send_req_pages(page << TARGET_PAGE_BITS, TARGET_PAGE_SIZE, block)
+
+    # -- recovery ---------------------------------------------------------------------------
+    def received_now(self) -> np.ndarray:
+        """What the source need not send again (RECV_BITMAP's bitmap)."""
+        with self._lock:
+            return self.received.copy()
+
+    def resend_requests(self) -> None:
+        """After RESUME: ask again for every page still waited on (QEMU's
+        migrate_send_rp_req_pages_pending); the first names the block."""
+        self._last_rb_named = False
+        with self._lock:
+            pages = np.flatnonzero(self.requested & ~self.received)
+        rp = self.inc.rp
+        if rp is None:
+            return
+        for page in pages.tolist():
             block = None if self._last_rb_named else self.ram.idstr
             self._last_rb_named = True
             rp.send_req_pages(page << TARGET_PAGE_BITS, TARGET_PAGE_SIZE, block)

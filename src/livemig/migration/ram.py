@@ -203,6 +203,10 @@ class RamSaveHandler(SaveVMHandlers):
         out.write(encode_ram_eos())
         return done
 
+    def forget_last_block(self) -> None:
+        """A new channel (postcopy recovery): the next page names its block."""
+        self._last_block = None
+
     def _send_requested(self, out: OutStream) -> None:
         """The pages asked for that are still to send (the others went already)."""
         assert self.requests is not None

@@ -27,7 +27,14 @@ from livemig.wire import (
     encode_x_error,
     encode_x_load_costs,
 )
-from livemig.wire.return_path import ReqPages, encode_req_pages
+from livemig.wire.return_path import (
+    RecvBitmap,
+    ReqPages,
+    ResumeAck,
+    encode_recv_bitmap_message,
+    encode_req_pages,
+    encode_resume_ack,
+)
 
 log = logging.getLogger("livemig.migration")
 CHANNEL_ERROR = "Channel error: Input/output error"
@@ -39,9 +46,10 @@ class SourceReturnPath:
     def __init__(self, channel, on_ack: Callable[[], None],
                  on_costs: Callable[[dict[str, float]], None] | None = None,
                  on_pong: Callable[[int], None] | None = None,
-                 on_req_pages: Callable[[ReqPages], None] | None = None) -> None:
+                 on_postcopy: Callable[[ReqPages | RecvBitmap | ResumeAck], None] | None = None
+                 ) -> None:
         self.channel = channel
-        self.on_req_pages = on_req_pages
+        self.on_postcopy = on_postcopy
         self.on_ack = on_ack
         self.on_costs = on_costs
         self.on_pong = on_pong
@@ -98,12 +106,12 @@ class SourceReturnPath:
         elif isinstance(ev, XLoadCosts):
             if self.on_costs is not None:
                 self.on_costs(ev.costs)
-        elif isinstance(ev, ReqPages):
-            if self.on_req_pages is None:
-                self._fail("Received REQ_PAGES without postcopy-ram")
+        elif isinstance(ev, (ReqPages, RecvBitmap, ResumeAck)):
+            if self.on_postcopy is None:
+                self._fail(f"Received {type(ev).__name__} without postcopy-ram")
                 return True
             try:
-                self.on_req_pages(ev)
+                self.on_postcopy(ev)
             except MigrationError as exc:
                 self._fail(exc.desc)
                 return True
@@ -181,6 +189,13 @@ class DestinationReturnPath:
     def send_req_pages(self, start: int, length: int, block: str | None = None) -> None:
         """REQ_PAGES (REQ_PAGES_ID when ``block`` is named): postcopy's fault."""
         self._send(encode_req_pages(start, length, block))
+
+    def send_recv_bitmap(self, block: str, received) -> None:
+        """RECV_BITMAP and the bitmap (recovery)."""
+        self._send(encode_recv_bitmap_message(block, received))
+
+    def send_resume_ack(self) -> None:
+        self._send(encode_resume_ack())
 
     def send_shut(self, value: int) -> None:
         self._send(encode_shut(value))

@@ -58,6 +58,7 @@ from livemig.wire.postcopy import (
     RamDiscard,
     decode_postcopy_advise,
     decode_postcopy_ram_discard,
+    decode_recv_bitmap,
 )
 
 _SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
@@ -79,6 +80,9 @@ class SaveVMState:
         # adds, measured, beside what the handlers declared (load_cost_ms).
         self.final_load_s: dict[str, float] = {}
         self.load_complete_s: dict[str, float] = {}
+        # Destination: stream section id -> handler, kept across a postcopy
+        # recovery (the resumed stream's PART sections use the old ids).
+        self.by_id: dict[int, SaveVMHandlers] = {}
 
     def register_savevm_live(self, handler: SaveVMHandlers) -> int:
         """Add a handler; its section id is its position (QEMU's
@@ -318,6 +322,12 @@ class LoadvmHost(LoadContext, Protocol):
 
     def postcopy_ram_enabled(self) -> bool: ...
 
+    def postcopy_recv_bitmap(self, block: str) -> None:
+        """MIG_CMD_RECV_BITMAP (recovery): send the block's received bitmap back."""
+
+    def postcopy_resume(self) -> None:
+        """MIG_CMD_POSTCOPY_RESUME: RESUME_ACK, then go on in postcopy-active."""
+
 
 class DirectPages(Protocol):
     """Reads runs of page records straight into guest RAM (``ram.RamDirectLoad``)."""
@@ -371,8 +381,14 @@ def loadvm_process_command(host: LoadvmHost, ev: Command) -> None:
         host.postcopy_listen()
     elif ev.cmd == MigCmd.POSTCOPY_RUN:
         host.postcopy_run()
-    elif ev.cmd in (MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
-        raise LoadError(f"{ev.cmd.name}: not supported by livemig (no postcopy recovery)")
+    elif ev.cmd == MigCmd.RECV_BITMAP:
+        try:
+            block = decode_recv_bitmap(ev.payload)
+        except StreamError as exc:
+            raise LoadError(exc.message) from None
+        host.postcopy_recv_bitmap(block)
+    elif ev.cmd == MigCmd.POSTCOPY_RESUME:
+        host.postcopy_resume()
     elif ev.cmd == MigCmd.PING:
         if not host.has_return_path():
             raise LoadError(f"CMD_PING (0x{int.from_bytes(ev.payload, 'big'):x}) "
@@ -415,7 +431,7 @@ def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDeco
     (RAM's is its load rate, measured by the host's reads). With ``direct``,
     runs of page records are read straight into guest RAM where it can."""
     final = state.final_load_s
-    by_id: dict[int, SaveVMHandlers] = {}
+    by_id = state.by_id
     current: SaveVMHandlers | None = None
     current_type = ""
     while True:

@@ -159,6 +159,20 @@ class MigrationState(AnnouncesStatus):
         self.start_postcopy = True
         self._wake.set()
 
+    def migrate_resume(self, address) -> None:
+        """@upper_half: ``migrate resume=true``: the paused postcopy goes on over
+        a new channel to ``address`` (the caller checked it is paused)."""
+        assert self.postcopy is not None
+        self._set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP)
+        self.postcopy.resume_to(address)
+
+    def migrate_pause(self) -> None:
+        """@upper_half: ``migrate-pause`` in postcopy: cut the channel on purpose."""
+        if self.channel is not None:
+            self.channel.shutdown()
+        if self.rp is not None:
+            self.rp.shutdown()
+
     def continue_(self) -> None:
         self._continue.set()
         self._wake.set()
@@ -247,7 +261,7 @@ class MigrationState(AnnouncesStatus):
             self.rp = SourceReturnPath(
                 channel.return_path(), self.on_switchover_ack, on_costs=self.on_load_costs,
                 on_pong=self.on_pong,
-                on_req_pages=self.postcopy.on_req_pages if self.postcopy else None)
+                on_postcopy=self.postcopy.on_rp_message if self.postcopy else None)
             self.rp.start()
             savevm.qemu_savevm_send_open_return_path(f)
             self._ping_sent_at = self.clock()

@@ -45,7 +45,12 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
                          S.POSTCOPY_ACTIVE}),
     # postcopy (migration/postcopy.py): once the destination runs the guest there
     # is no going back to the source; without recovery a failure is final.
-    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED}),
+    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED, S.POSTCOPY_PAUSED}),
+    # recovery: a broken channel pauses; migrate resume=true / migrate-recover
+    # set up a new one, the handshake (RECV_BITMAP, POSTCOPY_RESUME) resumes.
+    S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER_SETUP, S.FAILED}),
+    S.POSTCOPY_RECOVER_SETUP: frozenset({S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED, S.FAILED}),
+    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED}),
     S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.FAILED, S.CANCELLING}),
     S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED}),
@@ -56,7 +61,8 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
 
 # migration_is_running() in QEMU (the subset livemig reaches).
 RUNNING = frozenset({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING,
-                     S.POSTCOPY_ACTIVE})
+                     S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP,
+                     S.POSTCOPY_RECOVER})
 
 
 class IllegalTransition(Exception):

@@ -164,13 +164,16 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
     @reg.register("migrate", args={"*uri": "str", "*channels": _CHANNELS, "*detach": "bool",
                                    "*resume": "bool"})
     def migrate(args: dict) -> None:
-        if args.get("resume"):
+        if args.get("resume") and vm.source.status is not MigrationStatus.POSTCOPY_PAUSED:
             raise QMPError("Cannot resume if there is no paused migration")
         try:
             address = resolve_migrate_args(args.get("uri"), args.get("channels"),
                                            multifd=vm.caps.multifd)
         except TransportError as exc:
             raise QMPError(exc.desc) from None
+        if args.get("resume"):
+            vm.source.migrate_resume(resolve_descriptors(address, fdsets, incoming=False))
+            return
         if vm.source.is_running():
             raise QMPError(MIGRATION_IN_PROGRESS)
         if machine.runstate is RunState.INMIGRATE:
@@ -255,12 +258,24 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
 
     @reg.register("migrate-pause", allow_oob=True)
     def migrate_pause(args: dict) -> None:
-        raise QMPError("migrate-pause is currently only supported during postcopy-active or "
-                       "postcopy-recover state")
+        in_postcopy = (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER)
+        if vm.source.status in in_postcopy:
+            vm.source.migrate_pause()
+        elif vm.incoming.status in in_postcopy:
+            vm.incoming.migrate_pause()
+        else:
+            raise QMPError("migrate-pause is currently only supported during postcopy-active "
+                           "or postcopy-recover state")
 
     @reg.register("migrate-recover", args={"uri": "str"}, allow_oob=True)
     def migrate_recover(args: dict) -> None:
-        raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        if vm.incoming.status is not MigrationStatus.POSTCOPY_PAUSED:
+            raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        try:
+            address = resolve_migrate_args(args["uri"], None, incoming=True)
+            vm.incoming.migrate_recover(resolve_descriptors(address, fdsets, incoming=True))
+        except TransportError as exc:
+            raise QMPError(exc.desc) from None
 
     @reg.register("x-accel-digest", args={"id": "str"}, blocking=True,
                   returns=schema.X_ACCEL_DIGEST_INFO)

@@ -319,6 +319,7 @@ class StreamDecoder:
         self._expect_configuration = expect_configuration
         self._section_footers = section_footers
         self._rb = ReceiveBuffer(buffer_size)
+        self._buffer_size = buffer_size
         self._state = _State.HEADER
         self._error: StreamError | None = None
         self._versions: dict[int, int] = {}  # stream section id -> its version_id
@@ -641,6 +642,19 @@ class StreamDecoder:
         if self._package_end is not None:
             raise self._err("CMD_PACKAGED inside a package", p)
         self._package_end = self._rb.offset(p + COMMAND_HEADER.size + BE32.size) + length
+
+    def resume(self) -> None:
+        """Postcopy recovery: a new channel goes on where the source resumes, at
+        a record boundary and without a file header (QEMU's resumed stream).
+        What the old channel left half-decoded is dropped (its pages are not
+        received and come again); sections, RAM blocks and errors are reset,
+        the section ids already announced are kept."""
+        self._rb = ReceiveBuffer(self._buffer_size)
+        self._error = None
+        self._state = _State.RECORD
+        self._section = None
+        self._ram_list = None
+        self._package_end = None
 
     @property
     def in_package(self) -> bool:
