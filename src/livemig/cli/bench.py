@@ -43,6 +43,7 @@ class Scenario:
     livemig_only: bool = False       # QEMU has no accel device
     max_bandwidth: int = 0           # bytes/s, 0 = unlimited
     tls: bool = False                # x509 TLS on every channel, same creds for both engines
+    postcopy_after_syncs: int = 0    # migrate-start-postcopy once this many dirty syncs
 
 
 ACCEL_DEVICE = "accel,id=acc0,size=64M,init-size=4M,prepare-ms=400"
@@ -74,7 +75,11 @@ SCENARIOS: dict[str, Scenario] = {
     # its costs and the source waits for its SHUT; paced walks at both limits.
     **{f"2G-1G-p{pct}-rp-dl{dl}": Scenario("2G", "1G", dl, ("return-path",), pace_pct=pct)
        for dl in (300, 50) for pct in (50, 100)},
+    # Postcopy (issue 15's anchor): the full-speed walk, postcopy after 2 dirty syncs.
+    "2G-1G-postcopy-dl50": Scenario("2G", "1G", 50, ("postcopy-ram", "postcopy-blocktime"),
+                                    postcopy_after_syncs=2),
 }
+POSTCOPY_SCENARIOS = ("2G-1G-postcopy-dl50",)
 GUEST_SCENARIOS = tuple(n for n, sc in SCENARIOS.items()
                         if sc.pace_pct is not None or sc.devices)
 CONTRACT_SCENARIOS = ("2G-1G-p50-rp-dl50", "2G-1G-p100-rp-dl50", "2G-1G-p50-rp-dl300",
@@ -108,6 +113,10 @@ class Result:
     max_throttle: int = 0                    # auto-converge's highest cpu-throttle-percentage
     predicted_ms: int | None = None          # livemig: the prediction it switched over on
     dest_measured_ms: int | None = None      # livemig: the destination's measured part
+    postcopy_requests: int | None = None     # postcopy: pages the destination asked for
+    blocktime_ms: int | None = None          # postcopy: the destination's postcopy-blocktime
+    request_median_ms: float | None = None   # livemig: fault read -> page placed
+    request_p99_ms: float | None = None
 
 
 def walk_image(path: str, walk_end: str, *, tick: int = 0, pace: int = 0) -> str:
@@ -235,11 +244,17 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
         rate = src.serial.snapshot().rate(t - 0.5, t) * TICK_PAGES
         await src.cmd("migrate", uri=uri)
         throttle = 0
+        postcopy_asked = False
         try:
             deadline = time.monotonic() + time_limit
             while True:
                 info = await src.cmd("query-migrate")
                 throttle = max(throttle, int(info.get("cpu-throttle-percentage", 0)))
+                syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
+                if (sc.postcopy_after_syncs and not postcopy_asked
+                        and syncs >= sc.postcopy_after_syncs):
+                    await src.cmd("migrate-start-postcopy")
+                    postcopy_asked = True
                 if info.get("status") in ("completed", "failed", "cancelled"):
                     break
                 if time.monotonic() > deadline:
@@ -257,7 +272,14 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
                         max_throttle=throttle, error=info.get("error-desc"))
         if info["status"] != "completed":
             return result
-        await dst.wait_status(timeout=60)
+        dinfo = await dst.wait_status(timeout=60)
+        if sc.postcopy_after_syncs:
+            result.postcopy_requests = int(info.get("ram", {}).get("postcopy-requests", 0))
+            if "postcopy-blocktime" in dinfo:
+                result.blocktime_ms = int(dinfo["postcopy-blocktime"])
+            lat = dinfo.get("x-postcopy", {}).get("request-latency-ms")
+            if lat:
+                result.request_median_ms, result.request_p99_ms = lat["median"], lat["p99"]
         # The destination's guest runs: its first tick closes the gap.
         deadline = time.monotonic() + 20
         while not dst.serial.snapshot().ticks and time.monotonic() < deadline:
@@ -284,6 +306,7 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
 
 
 METRICS = ("total_ms", "downtime_ms", "guest_downtime_ms", "predicted_ms", "dest_measured_ms",
+           "postcopy_requests", "blocktime_ms", "request_median_ms", "request_p99_ms",
            "throughput_mb_s", "mbps",
            "dirty_syncs", "walk_pages_per_s", "max_throttle", "src_peak_rss_kib",
            "dst_peak_rss_kib")
@@ -340,6 +363,10 @@ def print_summary(rows: list[dict], engines: list[str]) -> None:
              "guest_downtime_ms": "downtime ms (guest lives)",
              "predicted_ms": "downtime ms (predicted)",
              "dest_measured_ms": "destination part ms (measured)",
+             "postcopy_requests": "postcopy page requests",
+             "blocktime_ms": "postcopy-blocktime ms (destination)",
+             "request_median_ms": "page request latency ms, median",
+             "request_p99_ms": "page request latency ms, p99",
              "throughput_mb_s": "transferred/total MB/s", "mbps": "mbps",
              "dirty_syncs": "dirty syncs", "walk_pages_per_s": "walk pages/s before",
              "max_throttle": "max cpu throttle %",
@@ -566,7 +593,8 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
                    help=f"repeatable; default: {', '.join(DEFAULT_SCENARIOS)}; the "
                         f"guest-visible downtime set: {', '.join(GUEST_SCENARIOS)}; the "
-                        f"downtime contract's: {', '.join(CONTRACT_SCENARIOS)}")
+                        f"downtime contract's: {', '.join(CONTRACT_SCENARIOS)}; postcopy's: "
+                        f"{', '.join(POSTCOPY_SCENARIOS)}")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--engines", choices=("both", "livemig"), default="both")
     p.add_argument("--accel", choices=("auto", "kvm", "soft"), default="auto")
