@@ -38,4 +38,19 @@ def test_cancelling_only_ends_cancelled():
 
 def test_running_set_matches_qemu_precopy_subset():
     assert RUNNING == {S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING,
-                       S.POSTCOPY_ACTIVE}
+                       S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP,
+                       S.POSTCOPY_RECOVER}
+
+
+def test_postcopy_pauses_and_recovers_but_never_goes_back_to_precopy():
+    sm = StatusMachine()
+    for old, new in ((S.NONE, S.SETUP), (S.SETUP, S.ACTIVE), (S.ACTIVE, S.POSTCOPY_ACTIVE),
+                     (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED),
+                     (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP),
+                     (S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER),
+                     (S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)):
+        assert sm.set(old, new)
+    for bad in (S.ACTIVE, S.DEVICE, S.CANCELLING):
+        with pytest.raises(IllegalTransition):
+            sm.set(S.POSTCOPY_ACTIVE, bad)
+    assert sm.set(S.POSTCOPY_ACTIVE, S.COMPLETED)

@@ -211,3 +211,26 @@ def test_recv_bitmap_end_mark_and_size_are_checked():
         _rp(head + (7).to_bytes(8, "big"))
     with pytest.raises(ReturnPathError, match="missing block name"):
         _rp(encode_rp_message(MigRpMsg.RECV_BITMAP, b""))
+
+
+def test_resume_goes_on_at_a_record_without_a_header():
+    """Postcopy recovery: the old channel broke inside a section; the new one
+    starts with commands and PART sections of the ids announced before."""
+    from livemig.wire import SectionPart, encode_blob
+    dec = StreamDecoder({"cpu": PayloadKind.BLOB})
+    full = encode_section_header(SectionType.SECTION_START, 1, "cpu", 0, 1) + \
+        encode_blob(b"abc") + encode_footer(1)
+    dec.receive_data(preamble() + full + encode_section_header(SectionType.SECTION_PART, 1))
+    dec.receive_data(b"")
+    with pytest.raises(StreamError, match="Truncated"):
+        while dec.next_event() is not NEED_DATA:
+            pass
+    dec.resume()
+    dec.receive_data(encode_recv_bitmap("pc.ram") + encode_postcopy_resume()
+                     + encode_section_header(SectionType.SECTION_PART, 1) + encode_blob(b"d")
+                     + encode_footer(1))
+    evs = []
+    while (ev := dec.next_event()) is not NEED_DATA:
+        evs.append(ev)
+    assert [e.cmd for e in evs[:2]] == [MigCmd.RECV_BITMAP, MigCmd.POSTCOPY_RESUME]
+    assert isinstance(evs[2], SectionPart) and evs[2].section_id == 1
