@@ -452,8 +452,9 @@ class IncomingState(AnnouncesStatus):
     def migrate_recover(self, address) -> None:
         """@upper_half: listen at ``address`` for the source's new channel (the
         caller checked the status is postcopy-paused)."""
+        if self._recover.is_set() or self._recover_listener is not None:
+            raise LoadError("Migrate recovery is triggered already")
         self._recover_listener = listen(address)
-        self._set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP)
         self._recover.set()
 
     def migrate_pause(self) -> None:
@@ -493,7 +494,7 @@ class IncomingState(AnnouncesStatus):
         finally:
             listener.close()
             self._recover_listener = None
-        self._set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER)
+        self._set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)   # QEMU's destination: no setup state
         self.rp = DestinationReturnPath(self.channel.return_path())
         dec.resume()
 

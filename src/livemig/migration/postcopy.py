@@ -208,9 +208,8 @@ def postcopy_start(ms: MigrationState) -> None:
     ms.vm_was_running = ms.machine.vm_stop(RunState.FINISH_MIGRATE)
     ms.global_state.runstate = "running" if ms.vm_was_running else old_runstate.value
     ms._mark("src-vm-stopped")
-    if not ms._set(S.ACTIVE, S.POSTCOPY_ACTIVE):
+    if not ms._set(S.ACTIVE, S.DEVICE):        # QEMU: STOP, device, then postcopy-active
         ms.check()
-    ms.in_postcopy = True
     f.set_rate_limit(int(ms.params.get("max-postcopy-bandwidth")))
     savevm.qemu_savevm_state_complete_precopy_iterable(ms.savevm, f, in_postcopy=True)
     ms.stats.pending_at_switchover = ram.remaining_bytes()
@@ -222,8 +221,12 @@ def postcopy_start(ms: MigrationState) -> None:
     savevm.qemu_savevm_send_ping(pkg, 3)
     pkg.write(encode_postcopy_run())
     ms.check()
+    # From the package on, the guest may run on the destination: never here again.
+    ms.in_postcopy = True
     f.write(encode_packaged(pkg.getvalue()))
     f.flush()
+    if not ms._set(S.DEVICE, S.POSTCOPY_ACTIVE):
+        ms.check()
     end = ms.clock()
     ms._mark("src-package-sent")
     ms.stats.downtime_ms = ms_of(end - ms.times.downtime_start)

@@ -48,11 +48,12 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED, S.POSTCOPY_PAUSED}),
     # recovery: a broken channel pauses; migrate resume=true / migrate-recover
     # set up a new one, the handshake (RECV_BITMAP, POSTCOPY_RESUME) resumes.
-    S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER_SETUP, S.FAILED}),
+    # (QEMU's destination goes from paused to recover directly, at the accept.)
+    S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER, S.FAILED}),
     S.POSTCOPY_RECOVER_SETUP: frozenset({S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED, S.FAILED}),
     S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED}),
     S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.FAILED, S.CANCELLING}),
-    S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING, S.POSTCOPY_ACTIVE}),
     S.CANCELLING: frozenset({S.CANCELLED}),
     S.COMPLETED: frozenset({S.SETUP}),
     S.FAILED: frozenset({S.SETUP}),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from livemig.machine.machine import NONE_MACHINE, RAM_BLOCK_NAME
 from livemig.machine.runstate import RunState
+from livemig.migration.errors import LoadError
 from livemig.migration.status import MigrationStatus
 from livemig.qapi import schema
 from livemig.qapi.capabilities import (
@@ -275,6 +276,8 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             address = resolve_migrate_args(args["uri"], None, incoming=True)
             vm.incoming.migrate_recover(resolve_descriptors(address, fdsets, incoming=True))
         except TransportError as exc:
+            raise QMPError(exc.desc) from None
+        except LoadError as exc:
             raise QMPError(exc.desc) from None
 
     @reg.register("x-accel-digest", args={"id": "str"}, blocking=True,
