@@ -22,10 +22,12 @@ with ``UFFDIO_COPY``, which installs it whole and wakes whoever waits on it
 populates each batch before it writes, with the GIL released, see
 ``RamBlock.populate``). Nothing writes guest RAM in place once listening.
 
-Not here (yet): recovery (postcopy-paused / migrate-recover / resume), so a
-broken channel during postcopy fails the migration on both sides; the
-source's guest stays stopped (its RAM is no longer the guest's truth) and the
-destination's guest stays stopped without the pages it lacks.
+Recovery: a broken channel pauses both sides (``postcopy-paused``; the
+source guest stays stopped, its RAM is no longer the guest's truth);
+``migrate resume=true`` reconnects (``_postcopy_resume``: RECV_BITMAP, the
+destination's received bitmap becomes the dirty bitmap, POSTCOPY_RESUME,
+RESUME_ACK) while the destination's ``migrate-recover`` accepted the new
+channel (``IncomingState._postcopy_pause``).
 """
 
 from __future__ import annotations
