@@ -73,7 +73,6 @@ if TYPE_CHECKING:
     from livemig.migration.source import MigrationState
 
 log = logging.getLogger("livemig.migration")
-_MADV_DONTNEED = 4
 _MADV_NOHUGEPAGE = 15
 
 # -- source -------------------------------------------------------------------------------
@@ -425,8 +424,9 @@ class PostcopyIncoming:
                     start + length > self.ram.size:
                 raise LoadError(f"ram_discard_range: bad range 0x{start:x}+0x{length:x} of "
                                 f"'{d.block}' (0x{self.ram.size:x} bytes)")
-            self.ram.madvise(_MADV_DONTNEED, start, length)
-            self.discarded[start >> TARGET_PAGE_BITS:(start + length) >> TARGET_PAGE_BITS] = True
+            first, count = start >> TARGET_PAGE_BITS, length >> TARGET_PAGE_BITS
+            self.ram.discard(first, count)
+            self.discarded[first:first + count] = True
 
     def listen(self) -> None:
         """Arm userfaultfd on guest RAM and start the fault thread."""
