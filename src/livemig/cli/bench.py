@@ -296,7 +296,7 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
         result.dst_peak_rss_kib = dst.peak_rss_kib() or 0
         result.guest_downtime_ms = None if gap is None else gap * 1000
         est = info.get("x-downtime-estimate")
-        if est:
+        if est and not sc.postcopy_after_syncs:     # a precopy prediction: not postcopy's
             result.predicted_ms = int(est["total-ms"])
             m = est.get("measured", {})
             parts = [v for k, v in m.items() if k.startswith("destination-") and
