@@ -404,6 +404,10 @@ class PostcopyIncoming:
         populate a 2 MiB one)."""
         if advise.pagesize_summary is None:
             return
+        if not self.ram.anonymous:
+            # QEMU does shmem/hugetlbfs postcopy too; livemig places anonymous pages only.
+            raise LoadError("Postcopy is not supported by livemig with a file-backed "
+                            "memory backend")
         if advise.pagesize_summary != TARGET_PAGE_SIZE:
             raise LoadError(f"Postcopy needs matching RAM page sizes "
                             f"(s={advise.pagesize_summary:x} d={TARGET_PAGE_SIZE:x})")
