@@ -100,3 +100,18 @@ def test_a_switchover_at_the_threshold_is_predicted_within_the_limit(bw, limit, 
         assert est.predicted_ms(est.threshold) <= limit + 1
     else:
         assert est.threshold == 0
+
+
+def test_the_contract_counts_on_the_rate_the_link_keeps_not_its_last_window():
+    from collections import deque
+
+    from livemig.migration.switchover import SUSTAINED_WINDOWS, sustained_rate
+    assert sustained_rate([]) == 0.0 and sustained_rate([0.0, 0.0]) == 0.0
+    assert sustained_rate([900.0]) == 900.0
+    # One burst into an empty send buffer does not set the rate; the 20th percentile does.
+    recent = [1000.0, 1100.0, 950.0, 1050.0, 1000.0, 980.0, 1020.0, 990.0, 1010.0, 1800.0]
+    assert sustained_rate(recent) == 980.0
+    # Only the last second counts, and windows that sent nothing are not rates.
+    window = deque([10.0] * 5, maxlen=2 * SUSTAINED_WINDOWS)
+    window.extend([0.0] + [500.0] * SUSTAINED_WINDOWS)
+    assert sustained_rate(window) == 500.0

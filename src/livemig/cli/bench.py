@@ -117,6 +117,8 @@ class Result:
     blocktime_ms: int | None = None          # postcopy: the destination's postcopy-blocktime
     request_median_ms: float | None = None   # livemig: fault read -> page placed
     request_p99_ms: float | None = None
+    estimate: dict | None = None             # livemig: x-downtime-estimate at completion
+    checkpoints: dict | None = None          # x-downtime-checkpoints (ms from the stop)
 
 
 def walk_image(path: str, walk_end: str, *, tick: int = 0, pace: int = 0) -> str:
@@ -296,6 +298,7 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
         result.dst_peak_rss_kib = dst.peak_rss_kib() or 0
         result.guest_downtime_ms = None if gap is None else gap * 1000
         est = info.get("x-downtime-estimate")
+        result.estimate, result.checkpoints = est, info.get("x-downtime-checkpoints")
         if est and not sc.postcopy_after_syncs:     # a precopy prediction: not postcopy's
             result.predicted_ms = int(est["total-ms"])
             m = est.get("measured", {})

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,7 @@ class MigrationState(AnnouncesStatus):
         self.switchover_ack_user_num = 0
         self.vm_was_running = False
         self._window_bytes0 = 0
+        self._recent_bw: deque[float] = deque(maxlen=switchover.SUSTAINED_WINDOWS)
         self._periods_seen = 0
         self._sent_at_period = 0
         self.dest_costs: dict[str, float] | None = None
@@ -430,9 +432,14 @@ class MigrationState(AnnouncesStatus):
         limit = self.params.downtime_limit_ms
         with self._lock:
             costs, rtt = self.dest_costs, self.rp_rtt_ms
+        if nbytes > 0:
+            self._recent_bw.append(w.bandwidth_bytes_per_ms)
+        # With the destination's costs the prediction is livemig's contract: the rate
+        # the link keeps; without them QEMU's estimate, on the last window.
+        link = (switchover.sustained_rate(self._recent_bw) if costs is not None
+                else w.bandwidth_bytes_per_ms)
         est = switchover.downtime_estimate(
-            w.bandwidth_bytes_per_ms, limit, self.params.avail_switchover_bandwidth_bytes_per_s,
-            costs, rtt)
+            link, limit, self.params.avail_switchover_bandwidth_bytes_per_s, costs, rtt)
         st.estimate = est
         st.threshold_bytes = est.threshold
         if est.basis == "destination":

@@ -6,6 +6,7 @@ unit-tested without real waiting (trio's MockClock idea).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 BUFFER_DELAY_MS = 100  # QEMU's bandwidth window (migration-stats.h)
@@ -66,6 +67,24 @@ def close_window(bytes_in_window: int, pages_in_window: int, window_ms: float) -
         mbps=bytes_in_window * 8 / (window_ms / 1000) / 1e6,
         pages_per_second=pages_in_window / (window_ms / 1000),
     )
+
+
+SUSTAINED_WINDOWS = 10       # the last second of 100 ms windows
+SUSTAINED_RANK = 0.2         # its 20th percentile
+
+
+def sustained_rate(recent_bytes_per_ms: Sequence[float]) -> float:
+    """The link rate a switchover can count on: the 20th percentile of the last
+    second's windows, not the last window. A window measures what went into the
+    socket, and one that found the send buffer empty or the process well
+    scheduled reads high; the stop-and-copy then meets the rate the link
+    keeps. Measured here (2G/1G full-speed walk, dl300): switching on the last
+    window put the predicted downtime at 280-297 ms and the real one up to 10%
+    over it."""
+    rates = sorted(r for r in list(recent_bytes_per_ms)[-SUSTAINED_WINDOWS:] if r > 0)
+    if not rates:
+        return 0.0
+    return rates[int(SUSTAINED_RANK * (len(rates) - 1))]
 
 
 def expected_downtime_ms(dirty_bytes_last_sync: int, bandwidth_bytes_per_ms: float,
