@@ -476,6 +476,8 @@ def test_migrate_to_a_closed_port_fails(vms):
         info = await wait_completed(src)
         assert info["status"] == "failed"
         assert info["error-desc"].startswith(f"Failed to connect to '127.0.0.1:{port}'")
+        # query-migrate may answer 'failed' before the event reaches this client.
+        await wait_event(src, "MIGRATION", "failed")
         assert event_trace(src) == ["MIGRATION:setup", "MIGRATION:failed"]
         assert await src.cmd("query-status") == {"running": True, "status": "running"}
         await wait_guest_runs(src)
