@@ -127,6 +127,11 @@ async def wait_migration_status(vm: Vm, goals=TERMINAL, timeout: float = 30.0, *
             info = await vm.cmd("query-migrate")
             status = info.get("status")
             if status in goals:
+                if announced:
+                    # The status can be read before its event reaches this client (the
+                    # engine sets it, then the event crosses threads): wait for it too,
+                    # so a trace read after this wait has it.
+                    await _event_seen(vm, status, deadline)
                 await events_caught_up(vm)
                 return info
             if status in stop_at:
@@ -139,6 +144,14 @@ async def wait_migration_status(vm: Vm, goals=TERMINAL, timeout: float = 30.0, *
                 await _next_event(listener, deadline)
             else:
                 await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+async def _event_seen(vm: Vm, status: str, deadline: float) -> None:
+    """Until the ``MIGRATION`` event of ``status`` is in the client's history
+    (or ``deadline``: a caller that enabled events mid-migration may miss it)."""
+    with vm.qmp.listener("MIGRATION", lambda ev: _matches(ev, "MIGRATION", status)) as lst:
+        if not any(_matches(ev, "MIGRATION", status) for ev in vm.qmp.events.history):
+            await _next_event(lst, min(deadline, time.monotonic() + 5.0))
 
 
 async def wait_runstate(vm: Vm, goal: str, timeout: float = 10.0,

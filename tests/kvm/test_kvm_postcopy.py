@@ -44,8 +44,9 @@ def uffd_count(pid: int) -> int:
 # Known bug, open in issue 15: about 1 run in 10 of the running case ends with one
 # stale page on the destination (seen: "Memory content inconsistency at page 6400
 # last_byte = 80 current = 7e": the page holds a walk value two passes older
-# than its neighbours'; the cause is not found yet). The stopped-destination case compares every byte and has not failed. Not strict:
-# the test still runs and reports; it must become strict again with the fix.
+# than its neighbours'; the cause is not found yet). The stopped-destination
+# case compares every byte and has not failed. Not strict: the test still runs
+# and reports; it must become strict again with the fix.
 STALE_PAGE_BUG = pytest.mark.xfail(
     reason="issue 15: a stale page on a running KVM postcopy destination, ~1 run in 10",
     strict=False)
