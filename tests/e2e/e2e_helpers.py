@@ -257,3 +257,14 @@ async def wait_exited(vm: Vm, timeout: float = 15.0) -> int:
         return await asyncio.to_thread(vm.proc.wait, timeout)
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"{vm.spec.name}: still running after {timeout} s") from None
+
+
+def uffd_count(pid: int) -> int:
+    """userfaultfd descriptors the process holds (Linux /proc)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
+        except OSError:
+            pass
+    return n

@@ -10,8 +10,6 @@ statuses and events as QEMU's, and no userfaultfd left in the process after.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from conftest import (
     ACCEL_FAST,
@@ -28,20 +26,10 @@ from conftest import (
     wait_guest_runs,
     wait_until,
 )
+from e2e_helpers import uffd_count
 
 PC = {"postcopy-ram": True, "events": True}
 PC_ACK = {**PC, "return-path": True, "switchover-ack": True}
-
-
-def uffd_count(pid: int) -> int:
-    """userfaultfd descriptors the process holds (Linux /proc)."""
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
-        except OSError:
-            pass
-    return n
 
 
 def uffd_ranges(pid: int) -> int:

@@ -7,7 +7,6 @@ postcopy avoids."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,12 @@ import pytest
 from kvm_harness import KVM_OK, KVM_WHY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from e2e_helpers import wait_event, wait_migration_status, wait_runstate  # noqa: E402
+from e2e_helpers import (  # noqa: E402
+    uffd_count,
+    wait_event,
+    wait_migration_status,
+    wait_runstate,
+)
 
 from livemig.cli.driver import Vm, VmSpec
 from livemig.machine.guest import MIB
@@ -29,16 +33,6 @@ RAM, WALK_END = "128M", "32M"
 
 def walk_first_bytes(mem: bytes) -> np.ndarray:
     return np.frombuffer(mem, dtype=np.uint8).reshape(-1, 4096)[MIB // 4096: 32 * MIB // 4096, 0]
-
-
-def uffd_count(pid: int) -> int:
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
-        except OSError:
-            pass
-    return n
 
 
 # Known bug, open in issue 15: about 1 run in 10 of the running case ends with one
