@@ -22,7 +22,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from livemig.machine.vmstate import LoadContext, OutStream, SaveContext, SaveVMHandlers
 from livemig.migration.errors import LoadError
@@ -64,6 +64,9 @@ from livemig.wire.postcopy import (
 _SECTION_TYPE = {SectionStart: "start", SectionPart: "part", SectionEnd: "end",
                  SectionFull: "full"}
 RECV_CHUNK = 4 << 20
+
+
+_T = TypeVar("_T")
 
 
 class SaveVMState:
@@ -360,33 +363,31 @@ def qemu_loadvm_state_setup(state: SaveVMState, host: LoadvmHost) -> None:
     host.set_device_cost(sum(h.load_cost_ms(host) for h in state.handlers))
 
 
+def _decoded(decode: Callable[..., _T], payload: bytes, **kw: Any) -> _T:
+    """A command's payload decoded; a malformed one fails the load with the
+    decoder's (QEMU's) text."""
+    try:
+        return decode(payload, **kw)
+    except StreamError as exc:
+        raise LoadError(exc.message) from None
+
+
 def loadvm_process_command(host: LoadvmHost, ev: Command) -> None:
     """MIG_CMD_*: the return path and its pings, postcopy's commands;
     SWITCHOVER_START and PACKAGED (decoded in line) need nothing."""
     if ev.cmd == MigCmd.OPEN_RETURN_PATH:
         host.open_return_path()
     elif ev.cmd == MigCmd.POSTCOPY_ADVISE:
-        try:
-            advise = decode_postcopy_advise(ev.payload, postcopy_ram=host.postcopy_ram_enabled())
-        except StreamError as exc:
-            raise LoadError(exc.message) from None
-        host.postcopy_advise(advise)
+        host.postcopy_advise(_decoded(decode_postcopy_advise, ev.payload,
+                                      postcopy_ram=host.postcopy_ram_enabled()))
     elif ev.cmd == MigCmd.POSTCOPY_RAM_DISCARD:
-        try:
-            discard = decode_postcopy_ram_discard(ev.payload)
-        except StreamError as exc:
-            raise LoadError(exc.message) from None
-        host.postcopy_ram_discard(discard)
+        host.postcopy_ram_discard(_decoded(decode_postcopy_ram_discard, ev.payload))
     elif ev.cmd == MigCmd.POSTCOPY_LISTEN:
         host.postcopy_listen()
     elif ev.cmd == MigCmd.POSTCOPY_RUN:
         host.postcopy_run()
     elif ev.cmd == MigCmd.RECV_BITMAP:
-        try:
-            block = decode_recv_bitmap(ev.payload)
-        except StreamError as exc:
-            raise LoadError(exc.message) from None
-        host.postcopy_recv_bitmap(block)
+        host.postcopy_recv_bitmap(_decoded(decode_recv_bitmap, ev.payload))
     elif ev.cmd == MigCmd.POSTCOPY_RESUME:
         host.postcopy_resume()
     elif ev.cmd == MigCmd.PING:
@@ -406,12 +407,17 @@ def _section_done(h: SaveVMHandlers, section_type: str) -> None:
 _FINAL = ("end", "full")
 
 
+def _final_device_work(h: SaveVMHandlers, section_type: str) -> bool:
+    """A device's work on its final state (timed); RAM's is its load rate."""
+    return section_type in _FINAL and h.idstr != "ram"
+
+
 @contextmanager
 def _timed(into: dict[str, float], h: SaveVMHandlers, section_type: str,
            clock: Callable[[], float]) -> Iterator[None]:
     """Add the block's time to ``into[h.idstr]`` when it is a device's work on
     its final state (RAM's final part is its load rate, measured elsewhere)."""
-    if section_type not in _FINAL or h.idstr == "ram":
+    if not _final_device_work(h, section_type):
         yield
         return
     t0 = clock()
@@ -489,7 +495,7 @@ def qemu_loadvm_state_main(state: SaveVMState, host: LoadvmHost, dec: StreamDeco
         else:
             if current is None:
                 raise LoadError(f"payload outside a section: {type(ev).__name__}")
-            if current_type in _FINAL and current.idstr != "ram":
+            if _final_device_work(current, current_type):
                 with _timed(final, current, current_type, clock):
                     current.load_event(ev)
             else:
