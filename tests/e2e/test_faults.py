@@ -454,7 +454,7 @@ def test_cancel_in_pre_switchover(fleet):
         await src.cmd("migrate_cancel")
         await wait_status(src, "cancelled", timeout=5)
         assert migration_trace(src)[:7] == ["setup", "active", "STOP", "pre-switchover",
-                                            "cancelling", "cancelled", "RESUME"]
+                                            "cancelling", "RESUME", "cancelled"]
         await assert_destination_failed(dst, r"Truncated migration stream|Unable to read")
         await src.set_caps(**{"pause-before-switchover": False})
         await assert_source_survived(fleet, src, status="cancelled", cause=None,

@@ -561,12 +561,13 @@ class MigrationState(AnnouncesStatus):
         if self.times.end is None:
             self.times.end = self.clock()
         if status is not S.COMPLETED:
-            if status is S.CANCELLING:
-                self._set(S.CANCELLING, S.CANCELLED)
-            elif status not in (S.FAILED, S.CANCELLED):
+            if status not in (S.FAILED, S.CANCELLED, S.CANCELLING):
                 if self.error_desc is None:
                     self.error_desc = "migration failed"
                 self._set(status, S.FAILED)
+            # The guest restarts before 'cancelling' becomes 'cancelled' (QEMU's
+            # order: cancelling, RESUME, cancelled), so whoever sees 'cancelled'
+            # sees it running.
             if self.in_postcopy:
                 # The guest's truth is on the destination now: never run it here
                 # (QEMU would pause for recovery; livemig has none yet).
@@ -576,6 +577,8 @@ class MigrationState(AnnouncesStatus):
                     self.machine.vm_start()
                 else:
                     self.machine.set_runstate(RunState.PAUSED)
+            if status is S.CANCELLING:
+                self._set(S.CANCELLING, S.CANCELLED)
         if self.channel is not None:
             self.channel.shutdown()
         if self.multifd is not None:
