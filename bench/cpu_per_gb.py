@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import time
 
 from common import add_pair_args, pair
@@ -42,6 +43,7 @@ def thread_times(pid: int) -> dict[int, tuple[str, float, float]]:
 
 async def main(a: argparse.Namespace) -> None:
     caps = ("multifd",) if a.multifd else ()
+    caps += ("zero-copy-send",) if a.zero_copy else ()
     async with pair(a, caps=caps, channels=a.multifd, downtime_limit=1) as (src, dst, uri):
         await src.cmd("migrate", uri=uri)
         while (await src.cmd("query-migrate")).get("ram", {}).get(
@@ -49,7 +51,16 @@ async def main(a: argparse.Namespace) -> None:
             await asyncio.sleep(0.01)
         before = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
         t0, b0 = time.monotonic(), (await src.cmd("query-migrate"))["ram"]["transferred"]
+        perf = None
+        if a.perf:
+            # Both processes, every thread, over the same window (perf report
+            # --sort comm,dso,sym splits it by thread name).
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-o", a.perf,
+                                     "-p", f"{src.proc.pid},{dst.proc.pid}",
+                                     "--", "sleep", str(a.seconds)])
         await asyncio.sleep(a.seconds)
+        if perf is not None:
+            await asyncio.to_thread(perf.wait)
         info = await src.cmd("query-migrate")
         t1 = time.monotonic()
         after = {n: thread_times(vm.proc.pid) for n, vm in (("src", src), ("dst", dst))}
@@ -58,7 +69,9 @@ async def main(a: argparse.Namespace) -> None:
                   " run again")
             return
         gb = (info["ram"]["transferred"] - b0) / 1e9
-        print(f"{a.engine}: {gb / (t1 - t0) * 1000:.0f} MB/s over {t1 - t0:.1f} s")
+        print(f"{a.engine}: {gb / (t1 - t0) * 1000:.0f} MB/s over {t1 - t0:.1f} s"
+              + (f", dirty-sync-missed-zero-copy {info['ram']['dirty-sync-missed-zero-copy']}"
+                 if a.zero_copy else ""))
         for side in ("src", "dst"):
             for tid, (name, user, system) in sorted(after[side].items()):
                 if tid not in before[side]:
@@ -84,4 +97,8 @@ if __name__ == "__main__":
                    help="leave out threads busy less than this share of a core")
     p.add_argument("--multifd", type=int, default=0, metavar="CHANNELS",
                    help="migrate with the multifd capability and this many channels")
+    p.add_argument("--perf", metavar="FILE",
+                   help="also record both processes with perf over the window")
+    p.add_argument("--zero-copy", action="store_true",
+                   help="with --multifd: QEMU's zero-copy-send capability too")
     asyncio.run(main(p.parse_args()))

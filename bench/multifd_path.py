@@ -2,14 +2,16 @@
 the receiver, each in its own process (one GIL each, as in a migration).
 
     python bench/multifd_path.py [--channels 4] [--ram-mib 1024] [--passes 3]
-                                 [--zero-share 0.0] [--holes 0.0]
+                                 [--zero-share 0.0] [--holes 0.0] [--tcp] [--zero-copy]
 
 The sender process queues every page of a preallocated RAM block in the RAM
 handler's batches (``ram.BATCH_PAGES``) and syncs after each pass; the
 receiver process (forked, its RAM preallocated too) applies the packets.
 Both read their own ``getrusage`` CPU time. ``--holes`` leaves that share
 of pages out of each pass (runs of pages broken up: more iovecs per
-packet); ``--zero-share`` makes that share of pages zero.
+packet); ``--zero-share`` makes that share of pages zero. The channels are
+UNIX socket pairs, or loopback TCP with ``--tcp``; ``--zero-copy`` (TCP)
+sends with MSG_ZEROCOPY, as ``zero-copy-send`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import time
 
 import numpy as np
@@ -25,7 +28,7 @@ import numpy as np
 from livemig.machine.ram import RamBlock
 from livemig.migration.multifd import MultifdReceiver, MultifdSender
 from livemig.migration.ram import BATCH_PAGES
-from livemig.transport import Channel
+from livemig.transport import Channel, SocketChannel, tune_socket
 from livemig.wire import MULTIFD_INIT_SIZE
 
 
@@ -59,9 +62,22 @@ def receiver(chans, ram_bytes: int, out_fd: int) -> None:
                                  "digest": digest, "syncs": syncs}).encode())
 
 
+def tcp_pair() -> tuple[SocketChannel, SocketChannel]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
+        tune_socket(lst)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tune_socket(s)
+        s.connect(lst.getsockname())
+        d, _ = lst.accept()
+    return SocketChannel(s), SocketChannel(d)
+
+
 def main(a: argparse.Namespace) -> None:
     size = a.ram_mib << 20
-    pairs = [Channel.socketpair() for _ in range(a.channels)]
+    tcp = a.tcp or a.zero_copy
+    pairs = [tcp_pair() if tcp else Channel.socketpair() for _ in range(a.channels)]
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -82,7 +98,10 @@ def main(a: argparse.Namespace) -> None:
         ram.pages64[rng.random(ram.npages) < a.zero_share, 0] = 0
     digest = int(np.bitwise_xor.reduce(ram.pages64[:, 0]))
     known_zero = np.zeros(BATCH_PAGES, dtype=bool)
-    tx = MultifdSender([s for s, _ in pairs], ram, bytes(16))
+    if a.zero_copy and not all(s.enable_zero_copy() for s, _ in pairs):
+        raise SystemExit("this kernel offers no SO_ZEROCOPY on TCP")
+    kw = {"zero_copy": True} if a.zero_copy else {}     # (older trees: no such argument)
+    tx = MultifdSender([s for s, _ in pairs], ram, bytes(16), **kw)
     t0, (u0, s0) = time.monotonic(), cpu()
     for p in range(a.passes):
         keep = np.arange(ram.npages)
@@ -97,8 +116,10 @@ def main(a: argparse.Namespace) -> None:
     res = json.loads(os.read(r, 4096))
     os.waitpid(pid, 0)
     gb = tx.bytes_sent / 1e9
-    print(f"multifd {a.channels} channels, {a.ram_mib} MiB x {a.passes} passes, "
-          f"holes {a.holes}, zero {a.zero_share}: {gb / (t1 - t0) * 1000:.0f} MB/s wall")
+    print(f"multifd {a.channels} {'TCP' if tcp else 'UNIX'} channels"
+          f"{' zero-copy' if a.zero_copy else ''}, {a.ram_mib} MiB x {a.passes} passes, "
+          f"holes {a.holes}, zero {a.zero_share}: {gb / (t1 - t0) * 1000:.0f} MB/s wall"
+          + (f", missed zero copy {tx.stats().missed_zero_copy}" if a.zero_copy else ""))
     print(f"  sender   user {(u1 - u0) / gb:.3f}  sys {(s1 - s0) / gb:.3f} s/GB")
     print(f"  receiver user {res['user'] / gb:.3f}  sys {res['sys'] / gb:.3f} s/GB")
     if res["error"] or res["digest"] != digest:
@@ -113,4 +134,6 @@ if __name__ == "__main__":
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--zero-share", type=float, default=0.0)
     p.add_argument("--holes", type=float, default=0.0)
+    p.add_argument("--tcp", action="store_true", help="loopback TCP channels")
+    p.add_argument("--zero-copy", action="store_true", help="MSG_ZEROCOPY sends (TCP)")
     main(p.parse_args())

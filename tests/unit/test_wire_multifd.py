@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from livemig.machine.ram import RamBlock
 from livemig.migration.multifd import MultifdReceiver, MultifdSender, packets_iovec
 from livemig.transport import Channel
-from livemig.transport.channel import IOVEC
+from livemig.transport.channel import IOVEC, iovec_after
 from livemig.wire import (
     MULTIFD_FLAG_SYNC,
     MULTIFD_INIT_SIZE,
@@ -137,10 +137,15 @@ def test_bad_headers_get_qemus_texts(fields, text):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.binary(min_size=1, max_size=3 * 4096 + 500), st.integers(1, 5000))
-def test_recv_iovec_fills_every_buffer_across_short_reads(data, piece):
-    """The scattering read resumes inside a buffer after a short read."""
+@given(st.binary(min_size=1, max_size=3 * 4096 + 500), st.integers(1, 5000), st.booleans(),
+       st.booleans())
+def test_recv_iovec_fills_every_buffer_across_short_reads(data, piece, with_total, nonblocking):
+    """The scattering read resumes inside a buffer after a short read (a
+    socket with a timeout is non-blocking underneath: MSG_WAITALL then returns
+    what is there), with or without the caller's total."""
     a, b = Channel.socketpair()
+    if nonblocking:
+        b.set_timeout(10)
     cuts = [0, len(data) // 3, len(data) // 2, len(data)]
     bufs = [np.zeros(hi - lo, np.uint8) for lo, hi in zip(cuts, cuts[1:], strict=False)]
     bufs = [x for x in bufs if x.size]
@@ -153,7 +158,7 @@ def test_recv_iovec_fills_every_buffer_across_short_reads(data, piece):
     t = threading.Thread(target=send)
     t.start()
     try:
-        assert b.recv_iovec(iov) == len(data)
+        assert b.recv_iovec(iov, total=len(data) if with_total else None) == len(data)
         assert b"".join(x.tobytes() for x in bufs) == data
         t.join(10)
         tail = np.zeros(1, np.uint8)
@@ -267,3 +272,21 @@ def test_receiver_reports_a_packet_cut_short():
         assert err == "multifd: packet 0 ends early (12288 of 16384 data bytes)"
     finally:
         ram.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=8), st.data())
+def test_iovec_after_is_the_rest_of_the_stream(lens, data):
+    """After a short transfer of n bytes, what is left to do is exactly bytes
+    n.. of the buffers, resumed inside the one done in part."""
+    total = sum(lens)
+    n = data.draw(st.integers(0, total - 1))
+    flat = np.arange(total, dtype=np.uint8)
+    offs = np.cumsum([0] + lens[:-1])
+    iov = np.array([(flat.ctypes.data + int(o), ln) for o, ln in zip(offs, lens, strict=True)],
+                   dtype=IOVEC)
+    rest = iovec_after(iov, n)
+    got = b"".join(bytes((ctypes.c_uint8 * int(e["len"])).from_address(int(e["base"])))
+                   for e in rest)
+    assert got == flat[n:].tobytes()
+    assert iov["len"].tolist() == lens          # the caller's array is left alone

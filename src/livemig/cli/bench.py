@@ -57,6 +57,8 @@ SCENARIOS: dict[str, Scenario] = {
     "2G-1G-ack": Scenario("2G", "1G", 300, ACK),
     "2G-1G-multifd2": Scenario("2G", "1G", 300, ("multifd",), 2),
     "2G-1G-multifd4": Scenario("2G", "1G", 300, ("multifd",), 4),
+    # QEMU's zero-copy-send (issue 17): MSG_ZEROCOPY on the multifd channels.
+    "2G-1G-multifd4-zerocopy": Scenario("2G", "1G", 300, ("multifd", "zero-copy-send"), 4),
     # Downtime as the guest lives it (issue 11): paced walks, both limits.
     **{f"2G-1G-p{pct}-dl{dl}": Scenario("2G", "1G", dl, pace_pct=pct)
        for dl in (300, 50) for pct in (25, 50, 75, 100)},

@@ -73,6 +73,7 @@ class RamFigures:
     multifd_bytes: int = 0
     postcopy_requests: int = 0     # REQ_PAGES the destination sent
     postcopy_bytes: int = 0        # RAM bytes sent once postcopy began
+    dirty_sync_missed_zero_copy: int = 0   # multifd flushes that found every send copied
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def query_migrate_info(s: SourceSnapshot) -> dict[str, Any]:
             "precopy-bytes": r.precopy_pages * PAGE_SIZE,
             "downtime-bytes": r.downtime_pages * PAGE_SIZE,
             "postcopy-bytes": r.postcopy_bytes,
-            "dirty-sync-missed-zero-copy": 0,
+            "dirty-sync-missed-zero-copy": r.dirty_sync_missed_zero_copy,
         }
         if s.cpu_throttle_percentage is not None and not done:
             info["cpu-throttle-percentage"] = s.cpu_throttle_percentage

@@ -47,9 +47,13 @@ QUEUE_DEPTH = 4               # batches queued per channel before the caller blo
 _SYNC = object()
 _STOP = object()
 _HEAD_LEN = np.uint64(MULTIFD_PACKET_SIZE)
-# A packet header's fields up to zero_pages, for the receiver's fast check.
-_RUN_HEAD = struct.Struct(">IIIIIIQI")
 _PAGE_BITS = np.uint64(TARGET_PAGE_BITS)
+# The receiver's fast check: a RAM packet's first 16 bytes (magic, version,
+# flags 0, pages_alloc 128), where its block name and offsets lie, and the
+# offsets of a run relative to its first page.
+_RUN_PREFIX = struct.pack(">IIII", MULTIFD_MAGIC, MULTIFD_VERSION, 0, MULTIFD_PACKET_PAGES)
+_NAME_AT, _OFFSETS_AT = 64, 320
+_RUN_STEPS = np.arange(MULTIFD_PACKET_PAGES, dtype=np.uint64) << _PAGE_BITS
 
 
 def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +114,9 @@ class MultifdStats:
     bytes_sent: int = 0
     normal_pages: int = 0
     zero_pages: int = 0
+    # QEMU's dirty-sync-missed-zero-copy: syncs after which a channel found
+    # every zero-copy send of the round copied by the kernel after all.
+    missed_zero_copy: int = 0
 
 
 class MultifdSender:
@@ -117,9 +124,13 @@ class MultifdSender:
     one sender thread per channel. The counters are updated by N threads at
     once, so they change under ``_lock`` only (a ``+=`` is not atomic)."""
 
-    def __init__(self, channels: list[Any], ram, uuid: bytes) -> None:
+    def __init__(self, channels: list[Any], ram, uuid: bytes, *, zero_copy: bool = False) -> None:
+        """``zero_copy`` (QEMU's ``zero-copy-send``; the channels have
+        ``enable_zero_copy()`` done): page data go out with MSG_ZEROCOPY, and
+        each SYNC waits until the kernel has finished with the round's sends."""
         self.ram = ram
         self.channels = channels
+        self.zero_copy = zero_copy
         self._stats = MultifdStats()
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -151,11 +162,11 @@ class MultifdSender:
     def zero_pages(self) -> int:
         return self.stats().zero_pages
 
-    def _count(self, nbytes: int, normal: int = 0, zero: int = 0) -> None:
+    def _count(self, nbytes: int, normal: int = 0, zero: int = 0, missed: int = 0) -> None:
         with self._lock:
             st = self._stats
             self._stats = MultifdStats(st.bytes_sent + nbytes, st.normal_pages + normal,
-                                       st.zero_pages + zero)
+                                       st.zero_pages + zero, st.missed_zero_copy + missed)
 
     def _take_numbers(self, k: int) -> int:
         """The first of ``k`` packet numbers, unique across channels (QEMU's
@@ -198,14 +209,20 @@ class MultifdSender:
                 if item is _SYNC:
                     head = encode_multifd_sync_packet(packet_num=self._take_numbers(1))
                     ch.sendall(head)
-                    self._count(head.nbytes)
+                    # QEMU flushes each channel after its SYNC: no page of the
+                    # next round goes out before the kernel is done with this one.
+                    missed = ch.flush_zero_copy() if self.zero_copy else 0
+                    self._count(head.nbytes, missed=missed)
                     continue
                 idx, known_zero = item
                 nonzero = self.ram.nonzero_pages(idx, known_zero)
                 k = -(-idx.size // MULTIFD_PACKET_PAGES)
                 heads = encode_multifd_ram_packets(idx, nonzero, block=name,
                                                    first_packet_num=self._take_numbers(k))
-                ch.send_iovec(packets_iovec(heads, idx, nonzero, self._ram_base))
+                # Zero copy: the headers go in the same sendmsg as the pages
+                # (one system call; the wire is QEMU's), held until sent.
+                ch.send_iovec(packets_iovec(heads, idx, nonzero, self._ram_base),
+                              zero_copy=self.zero_copy, keep=heads)
                 n_normal = int(np.count_nonzero(nonzero))
                 self._count(heads.nbytes + n_normal * TARGET_PAGE_SIZE, n_normal,
                             int(idx.size) - n_normal)
@@ -239,6 +256,42 @@ class MultifdSender:
                 ch.close()
             except Exception:  # noqa: BLE001
                 log.debug("multifd close failed", exc_info=True)
+
+
+class _OneRun:
+    """The receiver's check of its usual packet (QEMU's and livemig's senders'):
+    normal pages only, consecutive, of this RAM block, none outside it. Reads
+    the header buffer a channel reuses through views made once, so a packet
+    costs a few byte compares and one vectorised step; anything else (SYNC,
+    zero pages, holes, a bad header) goes to the full decode and its checks."""
+
+    def __init__(self, head: np.ndarray, name: bytes, ram_size: int) -> None:
+        self._mv = memoryview(head.data)
+        self._offs = np.frombuffer(head, dtype=">u8", count=MULTIFD_PACKET_PAGES,
+                                   offset=_OFFSETS_AT)
+        self._name = name
+        self._name_end = _NAME_AT + len(name)
+        self._size = ram_size
+
+    def __call__(self) -> tuple[int, int] | None:
+        """(first page, count), or None."""
+        mv = self._mv
+        if mv[:16] != _RUN_PREFIX or mv[32:36] != b"\0\0\0\0" or \
+                mv[_NAME_AT:self._name_end] != self._name:
+            return None
+        normal = int.from_bytes(mv[16:20], "big")
+        o0 = int.from_bytes(mv[_OFFSETS_AT:_OFFSETS_AT + 8], "big")
+        if not 0 < normal <= MULTIFD_PACKET_PAGES or o0 & (TARGET_PAGE_SIZE - 1) or \
+                o0 + (normal << TARGET_PAGE_BITS) > self._size:
+            return None
+        if normal > 1:
+            offs = self._offs[:normal]
+            if not bool((offs - np.uint64(o0) == _RUN_STEPS[:normal]).all()):
+                return None
+        return o0 >> TARGET_PAGE_BITS, normal
+
+    def packet_num(self) -> int:
+        return int.from_bytes(self._mv[24:32], "big")
 
 
 class MultifdReceiver:
@@ -277,23 +330,28 @@ class MultifdReceiver:
         head_iov = np.array([(head.ctypes.data, MULTIFD_PACKET_SIZE)], dtype=IOVEC)
         one_run = np.zeros(2, dtype=IOVEC)
         one_run[1] = head_iov[0]
+        run_base, run_len = one_run["base"], one_run["len"]
+        one_run_of = _OneRun(head, self._name_bytes, self.ram.size)
+        loaded = self.ram.loaded
+        ram_base = self._ram_base
         try:
-            got = ch.recv_iovec(head_iov)
+            got = ch.recv_iovec(head_iov, total=MULTIFD_PACKET_SIZE)
             while got:                           # 0: the source closed: done
                 if got != MULTIFD_PACKET_SIZE:
                     raise ValueError(f"multifd: short packet header ({got} bytes)")
-                run = self._one_run(head)
+                run = one_run_of()
                 if run is not None:
                     # The common packet, checked without decoding it in full:
                     # one run of normal pages, read with the next header.
-                    first, n, num = run
-                    one_run["base"][0] = self._ram_base + (first << TARGET_PAGE_BITS)
-                    one_run["len"][0] = n << TARGET_PAGE_BITS
-                    got = ch.recv_iovec(one_run) - (n << TARGET_PAGE_BITS)
+                    first, n = run
+                    data = n << TARGET_PAGE_BITS
+                    run_base[0] = ram_base + (first << TARGET_PAGE_BITS)
+                    run_len[0] = data
+                    got = ch.recv_iovec(one_run, total=data + MULTIFD_PACKET_SIZE) - data
                     if got < 0:
-                        raise ValueError(f"multifd: packet {num} ends early "
-                                         f"({got + (n << 12)} of {n << 12} data bytes)")
-                    self.ram.loaded[first:first + n] = True
+                        raise ValueError(f"multifd: packet {one_run_of.packet_num()} ends "
+                                         f"early ({got + data} of {data} data bytes)")
+                    loaded[first:first + n] = True
                     self.pages += n
                     continue
                 pkt = decode_multifd_packet_header(head)
@@ -324,25 +382,9 @@ class MultifdReceiver:
                             self._cond.wait(0.1)
                         if self.error is not None:
                             return
-                    got = ch.recv_iovec(head_iov)
+                    got = ch.recv_iovec(head_iov, total=MULTIFD_PACKET_SIZE)
         except Exception as exc:  # noqa: BLE001 - reported through self.error
             self._fail(getattr(exc, "desc", None) or str(exc))
-
-    def _one_run(self, head: np.ndarray) -> tuple[int, int, int] | None:
-        """(first page, count, packet number) when ``head`` is a valid packet of normal pages
-        only, consecutive, of this RAM block, none outside it (the sender's
-        usual packet); None sends it through the full decode and its checks."""
-        magic, version, flags, alloc, normal, _next, num, zero = _RUN_HEAD.unpack_from(head.data)
-        if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero or \
-                not 0 < normal <= alloc <= MULTIFD_PACKET_PAGES or \
-                head[64:64 + len(self._name_bytes)].tobytes() != self._name_bytes:
-            return None
-        offs = np.frombuffer(head, dtype=">u8", count=normal, offset=320)
-        o0 = int(offs[0])
-        if o0 & (TARGET_PAGE_SIZE - 1) or o0 + (normal << TARGET_PAGE_BITS) > self.ram.size or \
-                (normal > 1 and not (np.diff(offs) == TARGET_PAGE_SIZE).all()):
-            return None
-        return o0 >> TARGET_PAGE_BITS, normal, num
 
     def _pages(self, pkt) -> tuple[np.ndarray, np.ndarray]:
         """A packet's (normal, zero) page numbers, checked as QEMU checks them."""

@@ -51,7 +51,7 @@ from livemig.migration.status import MigrationStatus as S
 from livemig.qapi.capabilities import Capabilities
 from livemig.qapi.parameters import Parameters
 from livemig.threadname import name_native_thread
-from livemig.transport import Channel, TransportError, open_outgoing
+from livemig.transport import Channel, TransportError, open_outgoing, zerocopy
 from livemig.wire import LIVEMIG_HELLO
 
 log = logging.getLogger("livemig.migration")
@@ -249,6 +249,9 @@ class MigrationState(AnnouncesStatus):
     def _run(self, address) -> None:
         channel = address if isinstance(address, Channel) else self._connect(address)
         self.channel = channel                 # a Channel: already connected (tests, fd:)
+        if self.caps.zero_copy_send and not channel.enable_zero_copy():
+            # QEMU's socket_outgoing_migration checks the main channel at connect.
+            raise MigrationError(zerocopy.FEATURE_NOT_DETECTED)
         self.check()
         f = self.file = QEMUFile(channel)
         f.set_rate_limit(self.params.max_bandwidth_bytes_per_s)
@@ -340,14 +343,18 @@ class MigrationState(AnnouncesStatus):
     def _open_multifd(self, address) -> MultifdSender:
         n = self.params.multifd_channels
         channels = []
+        zero_copy = self.caps.zero_copy_send
         try:
             for _ in range(n):
                 channels.append(self._open_channel(address))
+                if zero_copy and not channels[-1].enable_zero_copy():
+                    # QEMU's qio_channel_writev_full on a channel without the feature
+                    raise TransportError(zerocopy.FEATURE_NOT_AVAILABLE)
         except TransportError as exc:
             for ch in channels:
                 ch.close()
             raise MigrationError(exc.desc) from None
-        return MultifdSender(channels, self.machine.ram, os.urandom(16))
+        return MultifdSender(channels, self.machine.ram, os.urandom(16), zero_copy=zero_copy)
 
     # -- the iteration loop: the policy decides, this carries it out --------------------
     def _can_switchover(self) -> bool:
@@ -616,7 +623,8 @@ class MigrationState(AnnouncesStatus):
                 remaining=ram.remaining_bytes(),
                 multifd_bytes=mfd.bytes_sent if mfd else 0,
                 postcopy_requests=self.postcopy.requests if self.postcopy else 0,
-                postcopy_bytes=c.postcopy_bytes)
+                postcopy_bytes=c.postcopy_bytes,
+                dirty_sync_missed_zero_copy=mfd.missed_zero_copy if mfd else 0)
         with self._lock:
             acked = self.switchover_acked
             stats = snapshot_stats(self.stats)

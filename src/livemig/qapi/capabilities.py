@@ -95,6 +95,7 @@ IMPLEMENTED: Final = frozenset(
         "zero-blocks",
         "auto-converge",
         "late-block-activate",
+        "zero-copy-send",
     }
 )
 

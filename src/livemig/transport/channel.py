@@ -33,6 +33,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from livemig.transport import zerocopy as zc
 from livemig.transport.errors import TransportError, UnexpectedEOF
 
 # Socket buffer size asked for on both sides (bytes); the kernel caps it at
@@ -59,6 +60,22 @@ _libc.readv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _libc.readv.restype = ctypes.c_ssize_t
 
 
+class _MsgHdr(ctypes.Structure):
+    """struct msghdr, for sendmsg/recvmsg on IOVEC arrays (no Python object per buffer)."""
+
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.c_void_p), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+_MSG_WAITALL = socket.MSG_WAITALL
+_libc.sendmsg.argtypes = (ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int)
+_libc.sendmsg.restype = ctypes.c_ssize_t
+_libc.recvmsg.argtypes = (ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int)
+_libc.recvmsg.restype = ctypes.c_ssize_t
+
+
 def _iov_syscall(call: Any, iov: np.ndarray, fd_of: Any, wait: Any) -> int:
     """``call`` (readv or writev) on ``fd_of()``: EINTR retried, EAGAIN waited
     out with ``wait()``."""
@@ -73,6 +90,19 @@ def _iov_syscall(call: Any, iov: np.ndarray, fd_of: Any, wait: Any) -> int:
             wait()
             continue
         raise OSError(code, os.strerror(code))
+
+
+def iovec_after(iov: np.ndarray, nbytes: int) -> np.ndarray:
+    """What is left of ``iov`` after its first ``nbytes`` (a copy when a buffer
+    was done in part)."""
+    ends = np.cumsum(iov["len"])
+    i = int(np.searchsorted(ends, nbytes, side="right"))      # first unfinished
+    rest = iov[i:].copy()
+    if rest.size:
+        done_in_first = nbytes - (int(ends[i]) - int(iov["len"][i]))
+        rest["base"][0] += done_in_first
+        rest["len"][0] -= done_in_first
+    return rest
 
 
 def byte_view(data: Any) -> memoryview:
@@ -203,26 +233,70 @@ class Channel:
         except OSError as exc:
             raise self._error(exc, writing=True) from exc
 
-    def send_iovec(self, iov: np.ndarray) -> None:
+    def send_iovec(self, iov: np.ndarray, *, zero_copy: bool = False, keep: Any = None) -> None:
         """Write the memory ``iov`` (an ``IOVEC`` array) describes, in order.
 
         The kernel gathers the bytes from where they lie (guest RAM for page
         data): no copy in user space and no Python object per buffer. The
         caller keeps that memory mapped until this returns. The system call
         runs without the GIL (ctypes), like ``socket.send``.
-        """
-        self._iovec_all(iov, writing=True)
 
-    def _iovec_all(self, iov: np.ndarray, *, writing: bool) -> int:
+        ``zero_copy`` (after ``enable_zero_copy``): ``MSG_ZEROCOPY``, the kernel
+        reads the memory later, once more after this returns; ``keep`` (the
+        buffer holding what must not change meanwhile, e.g. the headers) is
+        held until the kernel reports those sends finished. Guest RAM is the
+        caller's to keep mapped until ``flush_zero_copy``.
+        """
+        if not zero_copy:
+            self._iovec_all(iov, writing=True)
+            return
+        self._iovec_all(iov, writing=True, raw=self._zero_copy_raw)
+        self._zero_copy_hold(keep)
+
+    def enable_zero_copy(self) -> bool:
+        """Set ``SO_ZEROCOPY`` (QEMU does on every socket it connects); False
+        where this channel cannot send with ``MSG_ZEROCOPY``."""
+        return False
+
+    def _zero_copy_raw(self, iov: np.ndarray) -> int:
+        raise TransportError(zc.FEATURE_NOT_AVAILABLE)
+
+    def _zero_copy_hold(self, keep: Any) -> None:
+        raise TransportError(zc.FEATURE_NOT_AVAILABLE)
+
+    def flush_zero_copy(self) -> int:
+        """Wait until the kernel finished every zero-copy send (QEMU's
+        ``qio_channel_flush``): 1 when there were sends since the last flush
+        and every one was copied after all, else 0."""
+        return 0
+
+    def _iovec_all(self, iov: np.ndarray, *, writing: bool, raw: Any = None,
+                   total: int | None = None) -> int:
         """writev/readv until every buffer of ``iov`` is done (reads: or EOF),
-        at most IOV_MAX buffers a call, resuming inside a buffer done in part."""
+        at most IOV_MAX buffers a call, resuming inside a buffer done in part.
+        ``total``: the caller's sum of the lengths, when it knows it (a
+        multifd receiver, once per packet): one system call and no numpy
+        step when that call does it all."""
         if iov.dtype != IOVEC or iov.ndim != 1:
             raise ValueError("send_iovec and recv_iovec take a 1-D IOVEC array")
-        ends = np.cumsum(iov["len"])           # stream position after each buffer
         count = iov.size
+        if raw is None:
+            raw = self._writev_raw if writing else self._readv_all_raw
+        if total is not None and 0 < count <= _IOV_MAX:
+            try:
+                n = raw(iov)
+            except OSError as exc:
+                raise self._error(exc, writing=writing) from exc
+            if writing:
+                self.bytes_sent += n
+            else:
+                self.bytes_received += n
+            if n == total or (n == 0 and not writing):
+                return n
+            return n + self._iovec_all(iovec_after(iov, n), writing=writing, raw=raw)
+        ends = np.cumsum(iov["len"])           # stream position after each buffer
         total = int(ends[-1]) if count else 0
         i, done, owned = 0, 0, False
-        raw = self._writev_raw if writing else self._readv_raw
         try:
             while done < total:
                 last = min(i + _IOV_MAX, count)
@@ -260,14 +334,15 @@ class Channel:
     def _wait_writable(self) -> None:
         raise NotImplementedError
 
-    def recv_iovec(self, iov: np.ndarray) -> int:
+    def recv_iovec(self, iov: np.ndarray, *, total: int | None = None) -> int:
         """Fill the memory ``iov`` (an ``IOVEC`` array) describes, in order, from
         the stream; returns the bytes read, short only at EOF (or after shutdown).
+        ``total``, if given, must be the sum of the lengths (saves the sum).
 
         The scattering read of ``send_iovec``: page data go straight to where
         they belong (guest RAM), the system call runs without the GIL.
         """
-        return self._iovec_all(iov, writing=False)
+        return self._iovec_all(iov, writing=False, total=total)
 
     def recv_iovec_some(self, iov: np.ndarray) -> int:
         """One scattering read into ``iov``: what is available (at least one
@@ -286,6 +361,10 @@ class Channel:
         if self._readable_fd() < 0:
             return 0
         return _iov_syscall(_libc.readv, iov, self._readable_fd, self._wait_readable)
+
+    def _readv_all_raw(self, iov: np.ndarray) -> int:
+        """Like ``_readv_raw``, for ``recv_iovec``: the caller wants all of it."""
+        return self._readv_raw(iov)
 
     def _readable_fd(self) -> int:
         """The descriptor ``recv_iovec`` reads, -1 once shut down (reads see EOF)."""
@@ -381,9 +460,94 @@ class SocketChannel(Channel):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self.sock = sock
+        self._zc: zc.ZerocopyTracker | None = None
+        self._zc_control = ctypes.create_string_buffer(zc.ERRQUEUE_CONTROL_BYTES)
 
     def _write(self, view: memoryview) -> int:
         return self.sock.send(view)
+
+    # ---- zero-copy sends (QEMU's zero-copy-send) ----
+    def enable_zero_copy(self) -> bool:
+        """Set ``SO_ZEROCOPY``; False where the kernel or the socket family has
+        none (UNIX sockets: EOPNOTSUPP), as QEMU finds at connect."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, zc.SO_ZEROCOPY, 1)
+        except OSError:
+            return False
+        if self._zc is None:
+            self._zc = zc.ZerocopyTracker()
+        return True
+
+    def _zero_copy_raw(self, iov: np.ndarray) -> int:
+        """One sendmsg(MSG_ZEROCOPY); ENOBUFS (pinned pages over RLIMIT_MEMLOCK
+        without CAP_IPC_LOCK, or finished notifications filling optmem) is
+        retried once after reading the finished ones, then QEMU's error."""
+        if self._zc is None:
+            raise TransportError(zc.FEATURE_NOT_AVAILABLE)
+        msg = _MsgHdr(None, 0, iov.ctypes.data, iov.size, None, 0, 0)
+        reaped = False
+        while True:
+            n = _libc.sendmsg(self._writable_fd(), ctypes.byref(msg), zc.MSG_ZEROCOPY)
+            if n > 0:
+                self._zc.sent()
+                return int(n)
+            code = ctypes.get_errno() if n < 0 else errno.EIO
+            if code == errno.EINTR:
+                continue
+            if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self._wait_writable()
+                continue
+            if code == errno.ENOBUFS and not reaped:
+                self._reap_zero_copy(block=False)
+                reaped = True
+                continue
+            if code == errno.ENOBUFS:
+                raise TransportError(f"{zc.CANNOT_LOCK}: {os.strerror(code)}", code)
+            raise OSError(code, os.strerror(code))
+
+    def _zero_copy_hold(self, keep: Any) -> None:
+        assert self._zc is not None
+        if keep is not None:
+            self._zc.hold(keep)
+        self._reap_zero_copy(block=False)
+
+    def _reap_zero_copy(self, *, block: bool) -> None:
+        """Read the error queue's completions: all there are now, or (``block``)
+        until every send is finished. A shut-down channel stops the wait."""
+        assert self._zc is not None
+        tracker = self._zc
+        ctl = self._zc_control
+        msg = _MsgHdr()
+        flags = zc.MSG_ERRQUEUE | zc.MSG_DONTWAIT
+        while tracker.pending:
+            msg.control, msg.controllen = ctypes.addressof(ctl), len(ctl)
+            fd = self.sock.fileno()
+            if fd < 0:
+                raise TransportError(f"Unable to read errqueue: {os.strerror(errno.EBADF)}",
+                                     errno.EBADF)
+            if _libc.recvmsg(fd, ctypes.byref(msg), flags) < 0:
+                code = ctypes.get_errno()
+                if code == errno.EINTR:
+                    continue
+                if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise TransportError(f"Unable to read errqueue: {os.strerror(code)}", code)
+                if not block:
+                    return
+                if self._shut:
+                    raise TransportError(f"Unable to read errqueue: {os.strerror(errno.EPIPE)}",
+                                         errno.EPIPE)
+                # POLLERR is reported whatever the mask: a notification is queued.
+                poller = select.poll()
+                poller.register(fd, 0)
+                poller.poll(100)
+                continue
+            tracker.completed(zc.parse_errqueue_control(ctl.raw[:msg.controllen]))
+
+    def flush_zero_copy(self) -> int:
+        if self._zc is None:
+            return 0
+        self._reap_zero_copy(block=True)
+        return self._zc.flush_result()
 
     def _writev(self, views: list[memoryview]) -> int:
         return self.sock.sendmsg(views)
@@ -413,6 +577,26 @@ class SocketChannel(Channel):
 
     def _readable_fd(self) -> int:
         return -1 if self._shut else self.sock.fileno()
+
+    def _readv_all_raw(self, iov: np.ndarray) -> int:
+        """recvmsg(MSG_WAITALL): the kernel waits until every buffer is full (or
+        EOF, a shutdown, a signal), so a multifd packet costs one system call
+        and one wake-up however its bytes trickle in, not one per piece."""
+        fd = self._readable_fd()
+        if fd < 0:
+            return 0
+        msg = _MsgHdr(None, 0, iov.ctypes.data, iov.size, None, 0, 0)
+        while True:
+            n = _libc.recvmsg(fd, ctypes.byref(msg), _MSG_WAITALL)
+            if n >= 0:
+                return int(n)
+            code = ctypes.get_errno()
+            if code == errno.EINTR:
+                continue
+            if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self._wait_readable()
+                continue
+            raise OSError(code, os.strerror(code))
 
     def _wait_readable(self) -> None:
         self._wait_socket(select.POLLIN)

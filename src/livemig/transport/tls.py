@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -187,10 +187,12 @@ class TlsChannel(Channel):
             return TlsAlert(f"Unable to {verb} {self.noun}: TLS: {reason}", reason)
         return super()._error(exc, writing)
 
-    def send_iovec(self, iov: np.ndarray) -> None:
+    def send_iovec(self, iov: np.ndarray, *, zero_copy: bool = False, keep: Any = None) -> None:
+        if zero_copy:              # QEMU refuses zero-copy-send with TLS before this
+            super().send_iovec(iov, zero_copy=True, keep=keep)
         self.sendall(gather_iovec(iov))
 
-    def recv_iovec(self, iov: np.ndarray) -> int:
+    def recv_iovec(self, iov: np.ndarray, *, total: int | None = None) -> int:
         """Decrypt into one buffer, then scatter it where ``iov`` points (guest RAM)."""
         data = np.empty(int(iov["len"].sum()), np.uint8)
         got, view = 0, data.data
