@@ -3,7 +3,8 @@
 :func:`make_pki` writes QEMU's layout: ``<root>/server/{ca-cert,server-cert,
 server-key}.pem`` and ``<root>/client/{ca-cert,client-cert,client-key}.pem``,
 plus whatever variant a test asks for (an expired client, a server whose
-names do not match, credentials from another CA).
+names do not match, credentials from another CA). :func:`write_psk_dir`
+writes a ``tls-creds-psk`` dir (``keys.psk``).
 """
 
 from __future__ import annotations
@@ -137,3 +138,12 @@ def client_dir_variant(root: Path, pki: Pki, name: str, *, other_ca: bool = Fals
         signer = (ca_cert, ca_key)
     pair = make_cert(signer, cn, server=False, expired=expired)
     return write_dir(root / name, ca_cert, "client", pair)
+
+
+def write_psk_dir(path: Path, keys: dict[str, str]) -> Path:
+    """A ``tls-creds-psk`` dir: ``keys.psk`` with one ``username:hexkey`` line each."""
+    path.mkdir(parents=True, exist_ok=True)
+    key_path = path / "keys.psk"
+    key_path.write_text("".join(f"{user}:{key}\n" for user, key in keys.items()))
+    key_path.chmod(0o600)
+    return path

@@ -236,3 +236,33 @@ def test_tls_creds_files_checked_like_qemu(inproc, tmp_path):
     lm = livemig_outcomes(inproc, commands)
     for cmd, a, b in zip(commands, q, lm, strict=True):
         assert b == a, cmd
+
+
+def test_tls_creds_psk_checked_like_qemu(inproc, tmp_path):
+    """``tls-creds-psk`` with real ``keys.psk`` files: the same answers, including
+    QEMU's key lookup (first line, whole name) and its text for a key that is not hex."""
+    if not _qemu_version_ok():
+        pytest.skip("the expected answers are QEMU 10.0's")
+    from tls_certs import write_psk_dir
+    good = write_psk_dir(tmp_path / "good", {"qemu": "00ff" * 16, "bob": "12" * 32})
+    bad = write_psk_dir(tmp_path / "bad", {"qemux": "00", "qemu": "xyz1", "bob": "0 1"})
+    psk = {"qom-type": "tls-creds-psk"}
+    commands = [
+        add(**psk, id="c1", endpoint="client", dir=str(good)),                  # username qemu
+        add(**psk, id="c2", endpoint="client", dir=str(good), username="bob"),
+        add(**psk, id="c3", endpoint="client", dir=str(good), username="nobody"),
+        add(**psk, id="c4", endpoint="client", dir=str(bad)),                   # not hex
+        add(**psk, id="c5", endpoint="client", dir=str(bad), username="bob"),   # a space
+        add(**psk, id="c6", endpoint="client", dir=str(bad), username="qem"),
+        add(**psk, id="s1", endpoint="server", dir=str(bad)),          # read at handshakes
+        add(**psk, id="s2", endpoint="server", dir=str(good), username="qemu"),
+        add(**psk, id="c7", endpoint="client", dir=str(good), priority="NORMAL:-VERS-TLS1.3"),
+        delete(id="c1"), delete(id="s1"),
+    ]
+    q = qemu_outcomes(commands)
+    assert q[0] == q[1] == q[6] == ("return", {})
+    assert q[2] == ("error", "GenericError",
+                    f"Username nobody not found in PSK file {good}/keys.psk")
+    lm = livemig_outcomes(inproc, commands)
+    for cmd, a, b in zip(commands, q, lm, strict=True):
+        assert b == a, cmd

@@ -1,8 +1,9 @@
 """Migration over TLS between two ``livemig run`` processes (issue 14).
 
-Credentials are made by the test (``tests/tls_certs.py``, ``cryptography``);
-both VMs get ``tls-creds-x509`` objects over QMP (``object-add``) and the
-``tls-*`` parameters. Every hostile case checks the same three things: the
+Credentials are made by the test (``tests/tls_certs.py``, ``cryptography``;
+``keys.psk`` files for the PSK cases); both VMs get ``tls-creds-x509`` or
+``tls-creds-psk`` objects over QMP (``object-add``) and the ``tls-*``
+parameters. Every hostile case checks the same three things: the
 destination loads nothing and stays ``inmigrate`` (its listener still open),
 the source fails with the cause and its guest runs on, and a correct
 migration to that same destination then completes byte for byte.
@@ -34,7 +35,7 @@ from livemig.cli.driver import Vm
 from livemig.migration.return_path import CHANNEL_ERROR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tls_certs
-from tls_certs import CLIENT_DN, Pki, client_dir_variant, make_pki  # noqa: E402
+from tls_certs import CLIENT_DN, Pki, client_dir_variant, make_pki, write_psk_dir  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,12 +56,22 @@ async def tls_pair(vms, pki: Pki, *, caps: dict[str, bool] | None = None,
                    multifd: int = 0, src_creds: dict[str, Any] | None = None,
                    ) -> tuple[Vm, Vm, str]:
     """A source and a TLS destination listening on tcp (with the source's creds set)."""
+    src, dst = await _start(vms, caps, multifd)
+    await add_creds(src, src_dir or pki.client, "client", **(src_creds or {}))
+    await add_creds(dst, pki.server, "server")
+    return src, dst, await _tls_params(src, dst, authz, multifd)
+
+
+async def _start(vms, caps: dict[str, bool] | None, multifd: int) -> tuple[Vm, Vm]:
     caps = dict(caps or {})
     if multifd:
         caps["multifd"] = True
-    src, dst = await start_pair(vms, src_caps=caps or None)
-    await add_creds(src, src_dir or pki.client, "client", **(src_creds or {}))
-    await add_creds(dst, pki.server, "server")
+    return await start_pair(vms, src_caps=caps or None)
+
+
+async def _tls_params(src: Vm, dst: Vm, authz: str | None, multifd: int) -> str:
+    """``tls-creds tls0`` on both (and ``tls-authz`` = an authz-simple for ``authz``
+    on the destination), then the destination listens: the URI."""
     params: dict[str, Any] = {"tls-creds": "tls0"}
     if multifd:
         params["multifd-channels"] = multifd
@@ -70,8 +81,7 @@ async def tls_pair(vms, pki: Pki, *, caps: dict[str, bool] | None = None,
                                        "identity": authz})
         params["tls-authz"] = "auth0"
     await dst.set_params(**params)
-    uri = await start_incoming(dst)
-    return src, dst, uri
+    return await start_incoming(dst)
 
 
 async def migrate_ok(src: Vm, dst: Vm, uri: str) -> dict[str, Any]:
@@ -302,4 +312,95 @@ def test_openssl_s_client_completes_a_handshake(vms, pki):
         dinfo = await wait_completed(dst, timeout=30)
         assert dinfo["status"] == "failed" and "Truncated" in dinfo["error-desc"], dinfo
         assert await runstate(dst) == "inmigrate"
+    run_with(vms, body)
+
+
+# -- pre-shared keys: tls-creds-psk (OpenSSL's PSK callbacks, crypto/psk.py) -------------------
+
+PSK_KEY = "5a17" * 16
+PSK_WRONG = "00" * 32
+
+
+@pytest.fixture
+def psk(tmp_path) -> tuple[Path, Path]:
+    """(server dir, client dir): the server knows qemu and bob; the client has qemu's
+    key, a wrong key for bob, and a key for mallory, whom the server does not know."""
+    return (write_psk_dir(tmp_path / "psk-server", {"qemu": PSK_KEY, "bob": PSK_KEY}),
+            write_psk_dir(tmp_path / "psk-client", {"qemu": PSK_KEY, "bob": PSK_WRONG,
+                                                    "mallory": PSK_KEY}))
+
+
+async def add_psk(vm: Vm, directory: Path, endpoint: str, ident: str = "tls0",
+                  **extra: Any) -> None:
+    await vm.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": ident,
+                                  "endpoint": endpoint, "dir": str(directory), **extra})
+
+
+async def psk_pair(vms, dirs: tuple[Path, Path], *, username: str | None = None,
+                   caps: dict[str, bool] | None = None, authz: str | None = None,
+                   multifd: int = 0) -> tuple[Vm, Vm, str]:
+    src, dst = await _start(vms, caps, multifd)
+    await add_psk(src, dirs[1], "client", **({"username": username} if username else {}))
+    await add_psk(dst, dirs[0], "server")
+    return src, dst, await _tls_params(src, dst, authz, multifd)
+
+
+async def then_correct_psk_migration(src: Vm, dst: Vm, uri: str, client_dir: Path) -> None:
+    await add_psk(src, client_dir, "client", "good")       # username qemu, the right key
+    await src.set_params(**{"tls-creds": "good"})
+    await migrate_ok(src, dst, uri)
+
+
+@pytest.mark.parametrize("caps,multifd", [
+    ({}, 0),
+    ({"return-path": True, "switchover-ack": True, "events": True}, 0),
+    ({"return-path": True}, 4),
+], ids=["main", "return-path", "multifd-4"])
+def test_psk_migration_completes_byte_exact(vms, psk, caps, multifd):
+    async def body():
+        src, dst, uri = await psk_pair(vms, psk, caps=caps, multifd=multifd, authz="qemu")
+        await migrate_ok(src, dst, uri)
+    run_with(vms, body)
+
+
+@pytest.mark.parametrize("username,dst_says", [
+    ("bob", "TLS handshake failed: BINDER_DOES_NOT_VERIFY"),
+    ("mallory", "TLS handshake failed: BINDER_DOES_NOT_VERIFY: Username mallory not found "
+                "in PSK file"),
+], ids=["wrong-key", "unknown-username"])
+def test_psk_refusals(vms, psk, username, dst_says):
+    async def body():
+        src, dst, uri = await psk_pair(vms, psk, username=username, caps=RP)
+        await src.cmd("migrate", uri=uri)
+        error = await assert_refused(src, dst, dst_says=dst_says)
+        # The source cannot tell a wrong key from an unknown name (GnuTLS's way too).
+        assert error == "TLS handshake failed: SSLV3_ALERT_ILLEGAL_PARAMETER", error
+        await then_correct_psk_migration(src, dst, uri, psk[1])
+    run_with(vms, body)
+
+
+def test_psk_username_not_in_authz(vms, psk):
+    async def body():
+        src, dst, uri = await psk_pair(vms, psk, username="bob", caps=RP, authz="qemu")
+        # bob's key is right on this source: only the authz rule refuses him.
+        await src.cmd("object-del", id="tls0")
+        (psk[1] / "keys.psk").write_text(f"qemu:{PSK_KEY}\nbob:{PSK_KEY}\n")
+        await add_psk(src, psk[1], "client", username="bob")
+        await src.cmd("migrate", uri=uri)
+        error = await assert_refused(src, dst, dst_says="TLS PSK authz check for bob "
+                                                        "is denied")
+        assert error == CHANNEL_ERROR       # it hung up after the handshake
+        await then_correct_psk_migration(src, dst, uri, psk[1])
+    run_with(vms, body)
+
+
+def test_x509_source_to_psk_destination(vms, pki, psk):
+    async def body():
+        src, dst, uri = await psk_pair(vms, psk, caps=RP)
+        await add_creds(src, pki.client, "client", "x509")
+        await src.set_params(**{"tls-creds": "x509"})
+        await src.cmd("migrate", uri=uri)
+        error = await assert_refused(src, dst, dst_says="TLS handshake failed")
+        assert error is not None and error.startswith("TLS handshake failed: "), error
+        await then_correct_psk_migration(src, dst, uri, psk[1])
     run_with(vms, body)

@@ -1,5 +1,5 @@
 """TLS pieces without a VM: the iovec gather, the DN livemig hands to authz,
-the PSK file, and a TlsChannel pair over a real socketpair (OpenSSL both ends)
+and a TlsChannel pair over a real socketpair (OpenSSL both ends)
 with one thread writing while another reads the same TLS stream."""
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import livemig.cli.object_types  # noqa: F401
-from livemig.crypto.tlscreds import parse_psk_file
 from livemig.migration.tls import peer_name, tls_client, tls_server
-from livemig.qapi.errors import QapiError
 from livemig.qom.object import ObjectRoot, visit_object_options
 from livemig.transport import TransportError
 from livemig.transport.channel import IOVEC, SocketChannel
@@ -52,16 +50,6 @@ def test_peer_name_is_qemus_gnutls_spelling():
     cert = {"subject": ((("countryName", "GB"),), (("organizationName", "A, B+C"),),
                         (("commonName", " x#"), ("userId", "7")))}
     assert peer_name(cert) == "C=GB,O=A\\, B\\+C,CN=\\ x#+UID=7"
-
-
-def test_psk_file(tmp_path):
-    path = tmp_path / "keys.psk"
-    path.write_text("qemu:0011aabb\nother:zz\n")
-    assert parse_psk_file(str(path), "qemu") == {"qemu": bytes.fromhex("0011aabb")}
-    with pytest.raises(QapiError, match="^Username 'nobody' not found in PSK file"):
-        parse_psk_file(str(path), "nobody")
-    with pytest.raises(QapiError, match="^Invalid hex key for username 'other'"):
-        parse_psk_file(str(path), "other")
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,27 @@ checks, each object ready with the ``ssl.SSLContext`` its endpoint needs.
 The files are QEMU's, in ``dir``: ``ca-cert.pem`` (required), ``ca-crl.pem``
 (optional), ``server-cert.pem``/``server-key.pem`` (server, required),
 ``client-cert.pem``/``client-key.pem`` (client, optional), ``keys.psk``
-(PSK). A missing required file fails ``object-add`` with QEMU's
+(PSK, see ``TLSCredsPSK``). A missing required file fails ``object-add`` with QEMU's
 ``Unable to access credentials PATH: strerror``. ``sanity-check`` (default
 on) refuses an expired or not yet active certificate of our own or of the
 CA with QEMU's texts; OpenSSL then checks that the key matches the
 certificate. ``verify-peer`` (default on): a server asks for and verifies
 the client's certificate, a client verifies the server's and its hostname.
-GnuTLS's ``priority`` strings mean nothing to OpenSSL: refused, not ignored.
+``priority``: the part of GnuTLS's strings OpenSSL can honour exactly
+(``crypto/priority.py``), the rest refused, never ignored.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
+from livemig.crypto.priority import PriorityError, parse_priority
+from livemig.crypto.psk import PskClient, PskServer, PskUnavailable
 from livemig.qapi.errors import QapiError
 from livemig.qapi.schema import Enum, struct
 from livemig.qom.object import UserCreatable, register_object_type
@@ -41,10 +46,13 @@ CANNOT_LOAD_PAIR: Final = "Cannot load certificate '%s' & key '%s': %s"
 CANNOT_LOAD_CA: Final = "Cannot load CA certificate '%s': %s"
 CANNOT_LOAD_CRL: Final = "Cannot load CRL '%s': %s"
 PSK_USERNAME_ON_SERVER: Final = "username should not be set when endpoint=server"
-PSK_NO_USERNAME: Final = "Username '%s' not found in PSK file '%s'"
-PSK_BAD_KEY: Final = "Invalid hex key for username '%s' in PSK file '%s'"
-PRIORITY_NOT_SUPPORTED: Final = ("Property 'priority' is not supported by livemig "
-                                 "(a GnuTLS priority string; livemig's TLS is OpenSSL)")
+PSK_NO_USERNAME: Final = "Username %s not found in PSK file %s"
+PSK_CANNOT_READ: Final = "Cannot read PSK file %s: %s"
+# QEMU hands the key's text to gnutls_psk_set_client_credentials(GNUTLS_PSK_KEY_HEX).
+PSK_BAD_KEY: Final = "Cannot set PSK client credentials: Error in parsing."
+PSK_CIPHERS: Final = ("kECDHEPSK:kDHEPSK+AESGCM:kDHEPSK+CHACHA20:kPSK+AESGCM:kPSK+CHACHA20:"
+                      "!SHA1:!eNULL")
+_HEX: Final = re.compile(r"[0-9a-fA-F]+")
 PASSWORDID_NOT_SUPPORTED: Final = "Property 'passwordid' is not supported by livemig"
 
 
@@ -76,9 +84,15 @@ class QCryptoTLSCreds(UserCreatable):
     def complete(self) -> None:
         if not self.dir:
             raise QapiError(MISSING_DIR)
+        priority = None
         if "priority" in self.props:
-            raise QapiError(PRIORITY_NOT_SUPPORTED)
+            try:
+                priority = parse_priority(str(self.props["priority"]))
+            except PriorityError as exc:
+                raise QapiError(str(exc)) from None
         self.context = self._load()
+        if priority is not None:
+            priority.apply(self.context)
 
     def _load(self) -> ssl.SSLContext:
         raise NotImplementedError
@@ -168,35 +182,51 @@ class TLSCredsX509(QCryptoTLSCreds):
         return ctx
 
 
-def parse_psk_file(path: str, username: str | None) -> dict[str, bytes]:
-    """``keys.psk``: ``username:hexkey`` lines (QEMU's ``qcrypto_tls_creds_psk``); with
-    ``username`` (a client), that user's line must be there and its key valid."""
-    keys: dict[str, bytes] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            name, sep, hexkey = line.rstrip("\r\n").partition(":")
-            if not sep:
-                continue
-            try:
-                keys.setdefault(name, bytes.fromhex(hexkey))
-            except ValueError:
-                if name == username:
-                    raise QapiError(PSK_BAD_KEY % (name, path)) from None
-    if username is not None and username not in keys:
-        raise QapiError(PSK_NO_USERNAME % (username, path))
-    return keys
+def psk_lookup(path: str, username: str) -> str | None:
+    """QEMU's ``lookup_key``: the text after ``username:`` on the first line that
+    starts so (lines split at ``\\n`` only), None if no line does."""
+    with open(path, "rb") as f:
+        content = f.read()
+    prefix = username.encode() + b":"
+    for line in content.split(b"\n"):
+        if line.startswith(prefix):
+            return line[len(prefix):].decode("utf-8", errors="replace")
+    return None
+
+
+def psk_decode(hexkey: str) -> bytes | None:
+    """A ``keys.psk`` key: hex digits, an even count, not empty (GnuTLS's hex
+    decoding, which takes no spaces, unlike ``bytes.fromhex``); None if not."""
+    if not hexkey or len(hexkey) % 2 or not _HEX.fullmatch(hexkey):
+        return None
+    return bytes.fromhex(hexkey)
+
+
+def _server_lookup(path: str) -> Callable[[bytes], bytes | None]:
+    """The server's key for an identity, read from ``keys.psk`` at each handshake
+    as GnuTLS's ``gnutls_psk_set_server_credentials_file`` does (an edited file
+    counts for the next connection)."""
+    def lookup(identity: bytes) -> bytes | None:
+        try:
+            hexkey = psk_lookup(path, identity.decode())
+        except (OSError, UnicodeDecodeError):
+            return None
+        return None if hexkey is None else psk_decode(hexkey.rstrip("\r"))
+    return lookup
 
 
 @register_object_type
 class TLSCredsPSK(QCryptoTLSCreds):
-    """Pre-shared keys. The object and its file checks are QEMU's; Python 3.11's
-    ``ssl`` has no PSK callbacks, so a migration with it is refused (see
-    ``migration/tls.py``), never run without the key."""
+    """Pre-shared keys (``keys.psk``: ``username:hexkey`` lines). OpenSSL's PSK
+    callbacks, reached through ``crypto/psk.py``, carry them; the server takes
+    the client's username as the identity ``tls-authz`` is asked about."""
 
     qom_type = "tls-creds-psk"
     properties = struct("TlsCredsPskProperties", {
         "*verify-peer": "bool", "*dir": "str", "*endpoint": ENDPOINT, "*priority": "str",
         "*username": "str"})
+
+    psk: PskClient | PskServer
 
     def _load(self) -> ssl.SSLContext:
         server = self.endpoint == "server"
@@ -204,7 +234,32 @@ class TLSCredsPSK(QCryptoTLSCreds):
             raise QapiError(PSK_USERNAME_ON_SERVER)
         path = self.get_path(PSK_FILE, True)
         assert path is not None
-        self.username = None if server else str(self.props.get("username",
-                                                                PSK_DEFAULT_USERNAME))
-        self.keys = parse_psk_file(path, self.username)
-        return self._base_context()
+        ctx = self._base_context()
+        # TLS 1.2 peers: the PSK suites (Python's default list has none); TLS 1.3
+        # uses its own suites, TLS_AES_128_GCM_SHA256 for an external PSK.
+        ctx.set_ciphers(PSK_CIPHERS)
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+        try:
+            if server:
+                self.username = None
+                self.psk = PskServer(ctx, _server_lookup(path))
+                return ctx
+            self.username = str(self.props.get("username", PSK_DEFAULT_USERNAME))
+            try:
+                hexkey = psk_lookup(path, self.username)
+            except OSError as exc:
+                raise QapiError(PSK_CANNOT_READ % (
+                    path, f"Failed to open file \u201c{path}\u201d: {exc.strerror}")) from None
+            if hexkey is None:
+                raise QapiError(PSK_NO_USERNAME % (self.username, path))
+            key = psk_decode(hexkey)
+            if key is None:
+                raise QapiError(PSK_BAD_KEY)
+            # No CA is loaded and the peer must verify: a server that answers with
+            # a certificate instead of the key fails, as GnuTLS's PSK-only client.
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self.psk = PskClient(ctx, self.username, key)
+        except PskUnavailable as exc:
+            raise QapiError(exc.desc) from None
+        return ctx

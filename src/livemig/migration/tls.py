@@ -10,7 +10,10 @@ client certificate's distinguished name to the ``tls-authz`` object,
 spelled as QEMU 10.0.2's GnuTLS (``gnutls_x509_crt_get_dn2``) spells it:
 RFC 4514 escapes, but the RDNs in the certificate's own order
 (``C=GB,O=Example,CN=host``; checked against QEMU in
-tests/e2e/test_tls_qemu_interop.py). The main channel, its return path
+tests/e2e/test_tls_qemu_interop.py). With ``tls-creds-psk`` the key is the
+authentication: no certificate, no hostname; the session must be the
+key's (``psk_was_used``), and the destination asks ``tls-authz`` about the
+client's username (QEMU 10.0.2 asks nothing there). The main channel, its return path
 (the same TLS stream) and every multifd channel go through
 :func:`tls_client` / :func:`tls_server`. A failed check is a
 ``TransportError`` in QEMU's words.
@@ -25,7 +28,8 @@ import ssl
 from typing import Any, Final
 
 from livemig.authz.authz import QAuthZ
-from livemig.crypto.tlscreds import QCryptoTLSCreds, TLSCredsPSK
+from livemig.crypto.psk import PskServer, psk_was_used
+from livemig.crypto.tlscreds import PSK_FILE, PSK_NO_USERNAME, QCryptoTLSCreds, TLSCredsPSK
 from livemig.qapi.errors import QapiError
 from livemig.transport import Channel, TransportError
 from livemig.transport.channel import SocketChannel
@@ -44,8 +48,10 @@ NO_AUTHZ: Final = "Cannot find QAuthZ object ID %s"   # authz/base.c
 NOT_AUTHZ: Final = "Object '%s' is not a QAuthZ subclass"
 HANDSHAKE_FAILED: Final = "TLS handshake failed: %s"
 NEEDS_SOCKET: Final = "TLS needs a socket migration channel (tcp, unix or a socket fd)"
-PSK_UNSUPPORTED: Final = ("tls-creds-psk cannot be used for migration by livemig: Python's "
-                          "ssl module (3.11) has no PSK callbacks")
+# QEMU 10.0.2 asks no authz about a PSK session; livemig asks it about the username
+# (stricter, QEMU-CONFORMANCE.md), in the x509 check's words.
+PSK_AUTHZ_DENIED: Final = "TLS PSK authz check for %s is denied"
+PSK_NOT_USED: Final = "the peer did not authenticate with the pre-shared key"
 # How long a peer may take over its handshake before the destination drops it.
 HANDSHAKE_TIMEOUT_S: Final = 30.0
 
@@ -85,8 +91,6 @@ def migration_tls_get_creds(objects: Any, creds_id: str, endpoint: str) -> QCryp
         raise TransportError(NOT_CREDS % creds_id)
     if creds.endpoint != endpoint:
         raise TransportError(WRONG_ENDPOINT % endpoint)
-    if isinstance(creds, TLSCredsPSK):
-        raise TransportError(PSK_UNSUPPORTED)
     return creds
 
 
@@ -142,44 +146,82 @@ def _handshake(ssock: ssl.SSLSocket, timeout: float | None, hostname: str | None
         raise _handshake_error(exc, hostname) from None
 
 
+def _require_psk(ssock: ssl.SSLSocket) -> None:
+    if not psk_was_used(ssock):
+        ssock.close()
+        raise TransportError(HANDSHAKE_FAILED % PSK_NOT_USED, errno.EPROTO)
+
+
 def tls_client(channel: Channel, creds: QCryptoTLSCreds, hostname: str | None,
                timeout: float | None = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
-    """The source's side: handshake, the server's certificate and hostname checked."""
-    if not hostname and creds.verify_peer:
+    """The source's side: handshake, then the server's certificate and hostname
+    (x509), or that the session is the pre-shared key's (PSK: no certificate,
+    no hostname, as in QEMU)."""
+    psk = isinstance(creds, TLSCredsPSK)
+    if not hostname and creds.verify_peer and not psk:
         channel.close()
         raise TransportError(NO_HOSTNAME)
     sock = _take_socket(channel)
     ssock = creds.context.wrap_socket(sock, server_hostname=hostname or None,
                                       do_handshake_on_connect=False)
     _handshake(ssock, timeout, hostname)
+    if psk:
+        _require_psk(ssock)
     return TlsChannel(ssock)
+
+
+def _psk_handshake(ssock: ssl.SSLSocket, creds: TLSCredsPSK,
+                   timeout: float | None) -> str:
+    """The server's PSK handshake; the client's username, which it proved."""
+    assert isinstance(creds.psk, PskServer)
+    with creds.psk.handshake(ssock) as seen:
+        try:
+            _handshake(ssock, timeout, None)
+        except TransportError as exc:
+            saw = seen()
+            if saw is not None and not saw[1]:   # say which name, as QEMU's client does
+                raise TransportError(f"{exc.desc}: " + PSK_NO_USERNAME % (
+                    saw[0], os.path.join(creds.dir, PSK_FILE)), exc.errno) from None
+            raise
+        saw = seen()
+    if saw is None or not saw[1]:
+        ssock.close()
+        raise TransportError(HANDSHAKE_FAILED % PSK_NOT_USED, errno.EPROTO)
+    _require_psk(ssock)
+    return saw[0]
 
 
 def tls_server(channel: Channel, creds: QCryptoTLSCreds, authz_id: str, objects: Any,
                timeout: float | None = HANDSHAKE_TIMEOUT_S) -> TlsChannel:
-    """The destination's side: handshake, then the client's name against ``tls-authz``."""
+    """The destination's side: handshake, then the client's name against ``tls-authz``:
+    its certificate's DN (x509, when it verifies peers) or its PSK username."""
     sock = _take_socket(channel)
     ssock = creds.context.wrap_socket(sock, server_side=True,
                                       do_handshake_on_connect=False)
-    _handshake(ssock, timeout, None)
+    psk = isinstance(creds, TLSCredsPSK)
+    name: str | None = None
+    if isinstance(creds, TLSCredsPSK):
+        name = _psk_handshake(ssock, creds, timeout)
+    else:
+        _handshake(ssock, timeout, None)
     try:
-        if creds.verify_peer:
+        if not psk and creds.verify_peer:
             cert = ssock.getpeercert()
             if not cert:
                 raise TransportError(NO_PEER_CERT)
             name = peer_name(cert)
-            if authz_id:
-                authz = objects.get(authz_id) if objects is not None else None
-                if authz is None:
-                    raise TransportError(NO_AUTHZ % authz_id)
-                if not isinstance(authz, QAuthZ):
-                    raise TransportError(NOT_AUTHZ % authz_id)
-                try:
-                    allowed = authz.is_allowed(name)
-                except QapiError as exc:
-                    raise TransportError(exc.desc) from None
-                if not allowed:
-                    raise TransportError(AUTHZ_DENIED % name)
+        if name is not None and authz_id:
+            authz = objects.get(authz_id) if objects is not None else None
+            if authz is None:
+                raise TransportError(NO_AUTHZ % authz_id)
+            if not isinstance(authz, QAuthZ):
+                raise TransportError(NOT_AUTHZ % authz_id)
+            try:
+                allowed = authz.is_allowed(name)
+            except QapiError as exc:
+                raise TransportError(exc.desc) from None
+            if not allowed:
+                raise TransportError((PSK_AUTHZ_DENIED if psk else AUTHZ_DENIED) % name)
     except BaseException:
         ssock.close()
         raise
