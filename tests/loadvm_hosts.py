@@ -16,6 +16,30 @@ class RamMachine:
         return True
 
 
+class _NoLogCpu:
+    """A vCPU whose writes mark the DirtyLog themselves (as the soft vCPU's do):
+    nothing to pull at a sync."""
+
+    def log_dirty_start(self) -> None: ...
+    def log_dirty_stop(self) -> None: ...
+    def log_dirty_sync(self) -> None: ...
+
+
+class LoggedRamMachine(RamMachine):
+    """A RamMachine with a dirty log the test's "guest" writes mark, so the
+    source's whole save path (setup, syncs, sends) runs without a vCPU."""
+
+    def __init__(self, ram) -> None:
+        from livemig.machine.dirty_log import DirtyLog
+        super().__init__(ram)
+        self.dirty_log = DirtyLog(ram.npages)
+        self.cpu = _NoLogCpu()
+
+    def guest_write(self, page: int, value: int) -> None:
+        self.ram.pages[page, 0] = value
+        self.dirty_log.mark_range(page, page + 1)
+
+
 class QuietHost:
     """A LoadvmHost with no return path, no switchover-ack, no multifd; a
     subclass supplies ``read_into`` (and ``read_iovec`` for direct reads)."""

@@ -42,10 +42,16 @@ class DirtyLog:
         with self._lock:
             self.bits |= bits.astype(bool)
 
-    def sync(self, into: np.ndarray) -> int:
-        """OR the dirtied pages into ``into`` and clear the log; return how many were new."""
+    def sync(self, into: np.ndarray, *, written: np.ndarray | None = None) -> int:
+        """OR the dirtied pages into ``into`` and clear the log; return how many were new.
+
+        ``written``, a map of pages known to be zero, loses every page the log
+        names: once this sync has taken a page's mark, the mark is gone, and a
+        send that still trusted the map would never be corrected."""
         with self._lock:
             new = int(np.count_nonzero(self.bits & ~into))
             into |= self.bits
+            if written is not None:
+                written &= ~self.bits
             self.bits[:] = False
         return new

@@ -117,6 +117,7 @@ class RamSaveHandler(SaveVMHandlers):
         self.gather = gather
         self.multifd_pages_at_stop: int | None = None
         self.known_zero = np.zeros(self.ram.npages, dtype=bool)
+        self._zero_known = False           # known_zero may still hold a page
         self._flush_pending = False
         # Gathered writes: iovec i*2 is record i's header, i*2+1 its page in RAM.
         self._ram_base = self.ram.host_address
@@ -132,7 +133,10 @@ class RamSaveHandler(SaveVMHandlers):
     def bitmap_sync(self) -> None:
         """QEMU's migration_bitmap_sync: pull the dirty log into the bitmap."""
         self.machine.cpu.log_dirty_sync()
-        new = self.machine.dirty_log.sync(self.bitmap)
+        # A page written since setup is no longer known zero, even if it was never
+        # sent: this sync consumes its dirty mark (known_zero only ever shrinks).
+        new = self.machine.dirty_log.sync(
+            self.bitmap, written=self.known_zero if self._zero_known else None)
         c = self.counters
         c.dirty_sync_count += 1
         self._rate_pages += new
@@ -156,8 +160,12 @@ class RamSaveHandler(SaveVMHandlers):
         self.machine.cpu.log_dirty_start()
         self.machine.dirty_log.enabled = True
         # After logging starts: pages not resident now were never written, so their
-        # first send needs no read. Any later write dirties them and re-sends them.
+        # first send needs no read. A later write marks them dirty, and the sync that
+        # takes that mark drops them from known_zero (bitmap_sync), so a page written
+        # before its first send is read, not trusted (the postcopy stale-page bug:
+        # such a page first sent after the final sync arrived as zero).
         self.known_zero = ~self.ram.resident_pages()
+        self._zero_known = bool(self.known_zero.any())
         self.bitmap[:] = True
         self.bitmap_sync()
         out.write(encode_ram_block_list([(self.ram.idstr, self.ram.size)]))
