@@ -490,7 +490,12 @@ class IncomingState(AnnouncesStatus):
         listener = self._recover_listener
         assert listener is not None
         try:
-            self.channel = listener.accept()
+            # The new channel is wrapped as the first was (QEMU: the same
+            # migration_channel_process_incoming), so a failed handshake is
+            # reported and the listener waits for the next one.
+            accept = (TlsAcceptor(listener, self._tls_server).accept
+                      if tls.tls_enabled(self.params) else listener.accept)
+            self.channel = accept()
         finally:
             listener.close()
             self._recover_listener = None

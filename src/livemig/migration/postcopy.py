@@ -221,9 +221,10 @@ def postcopy_start(ms: MigrationState) -> None:
     savevm.qemu_savevm_state_non_iterable(ms.savevm, pkg)
     savevm.qemu_savevm_send_ping(pkg, 3)
     pkg.write(encode_postcopy_run())
-    ms.check()
-    # From the package on, the guest may run on the destination: never here again.
-    ms.in_postcopy = True
+    with ms._lock:          # the point of no return: a cancel is wholly before it or refused
+        ms.check()
+        # From the package on, the guest may run on the destination: never here again.
+        ms.in_postcopy = True
     f.write(encode_packaged(pkg.getvalue()))
     f.flush()
     if not ms._set(S.DEVICE, S.POSTCOPY_ACTIVE):
@@ -263,9 +264,7 @@ def _postcopy_pause(ms: MigrationState) -> None:
         _drop_channel(ms)
         pc.recv_bitmap = None
         pc.resume_ack.clear()
-        while not pc._resume.wait(0.1):
-            if ms.sm.status is S.CANCELLING:
-                raise MigrationCancelled()
+        pc._resume.wait()          # migrate resume=true (migrate_cancel is refused here)
         pc._resume.clear()
         try:
             _postcopy_resume(ms, pc.resume_address)

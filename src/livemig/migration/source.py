@@ -46,9 +46,10 @@ from livemig.migration.postcopy import (
 from livemig.migration.qemu_file import QEMUFile
 from livemig.migration.ram import RamSaveHandler
 from livemig.migration.return_path import SourceReturnPath
-from livemig.migration.status import AnnouncesStatus, StatusMachine
+from livemig.migration.status import RUNNING, AnnouncesStatus, StatusMachine
 from livemig.migration.status import MigrationStatus as S
 from livemig.qapi.capabilities import Capabilities
+from livemig.qapi.errors import POSTCOPY_CANNOT_CANCEL
 from livemig.qapi.parameters import Parameters
 from livemig.threadname import name_native_thread
 from livemig.transport import Channel, TransportError, open_outgoing, zerocopy
@@ -140,13 +141,20 @@ class MigrationState(AnnouncesStatus):
 
     def cancel(self) -> None:
         """QEMU's migrate_cancel: running states go to cancelling; channels are
-        shut so blocked sends and reads return at once."""
-        while True:
-            old = self.sm.status
-            if old not in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE):
-                return
-            if self._set(old, S.CANCELLING):
-                break
+        shut so blocked sends and reads return at once. Refused once postcopy
+        has sent its package (QEMU 10.0's qmp_migrate_cancel: the guest may run
+        on the destination, the source cannot take it back); the check and
+        ``postcopy_start``'s point of no return hold ``_lock``, so a cancel
+        comes wholly before it (the source guest restarts) or is refused."""
+        with self._lock:
+            while True:
+                old = self.sm.status
+                if self.in_postcopy and old in RUNNING:
+                    raise MigrationError(POSTCOPY_CANNOT_CANCEL)
+                if old not in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE):
+                    return
+                if self._set(old, S.CANCELLING):
+                    break
         self._wake.set()
         self._continue.set()
         if self.channel is not None:

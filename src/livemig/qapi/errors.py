@@ -88,6 +88,8 @@ INCOMING_ONE_CHANNEL: Final = "Channel list must have only one entry, for type '
 MULTIFD_NEEDS_SOCKET: Final = "Migration requires multi-channel URIs (e.g. tcp)"
 INCOMING_ALREADY_STARTED: Final = "The incoming migration has already been started"
 INCOMING_NOT_SPECIFIED: Final = "'-incoming' was not specified on the command line"
+# migration/migration.c qmp_migrate_cancel() (QEMU 10.0: refused in migration_in_postcopy())
+POSTCOPY_CANNOT_CANCEL: Final = "Postcopy migration in progress, cannot cancel."
 
 # livemig's own refusals, for what QEMU has and livemig does not implement.
 CAPABILITY_NOT_SUPPORTED: Final = "Capability '%s' is not supported by livemig"

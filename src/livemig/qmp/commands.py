@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from livemig.machine.machine import NONE_MACHINE, RAM_BLOCK_NAME
 from livemig.machine.runstate import RunState
-from livemig.migration.errors import LoadError
+from livemig.migration.errors import LoadError, MigrationError
 from livemig.migration.status import MigrationStatus
 from livemig.qapi import schema
 from livemig.qapi.capabilities import (
@@ -210,7 +210,10 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
 
     @reg.register("migrate_cancel")
     def migrate_cancel(args: dict) -> None:
-        vm.source.cancel()
+        try:
+            vm.source.cancel()
+        except MigrationError as exc:        # postcopy: QEMU's refusal
+            raise QMPError(exc.desc) from None
 
     @reg.register("migrate-continue", args={"state": ArgSpec(
         "str", enum=tuple(s.value for s in MigrationStatus))})
