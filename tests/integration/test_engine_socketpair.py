@@ -211,3 +211,26 @@ def test_multifd_is_byte_exact(tmp_path, channels):
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("caps", [{}, {"return-path": True}], ids=["plain", "return-path"])
+def test_cancel_while_blocked_in_a_write_reports_no_cause(caps):
+    """migrate_cancel shuts the channels down under a send blocked on a peer
+    that stopped reading: the failed send is the cancel itself, so the source
+    ends 'cancelled' with no error-desc (seen in a bench run as a cancelled
+    migration showing "Channel error: Input/output error")."""
+    import select
+    src, _dst, out, _inc, src_ev, _ = make_pair(caps)
+    a, b = Channel.socketpair()
+    src.vm_start()
+    wait(lambda: src.cpu.phase == 2)
+    out.migrate(a)
+    # Nobody reads b: once a is not writable the sender is blocked in a send.
+    wait(lambda: not select.select([], [a.fileno()], [], 0)[1])
+    out.cancel()
+    wait(out.sm.is_done)
+    assert out.sm.status is S.CANCELLED
+    assert out.snapshot().error_desc is None
+    assert src.runstate is RunState.RUNNING
+    b.close()

@@ -226,6 +226,10 @@ class MigrationState(AnnouncesStatus):
             pass
         except Exception as exc:  # any failure fails the migration, never the VM
             log.debug("migration failed", exc_info=True)
+            if self.sm.status is S.CANCELLING:
+                # migrate_cancel shut the channels down under us: the write or
+                # read that failed is the cancel itself, not a cause to report.
+                return
             if self.rp is not None and not self.rp.error:
                 # A write failed because the destination gave up: its reason is on
                 # the return path, right behind. Give the reader a moment for it.
