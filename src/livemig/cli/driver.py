@@ -90,8 +90,13 @@ class Vm:
                         "-display", "none", "-bios", s.boot_image, *common, *s.extra]
             return [QEMU_BINARY, "-M", f"q35,accel={accel}", "-nodefaults", "-display", "none",
                     "-drive", f"file={s.boot_image},format=raw", *common, *s.extra]
-        if s.machine != "q35":
+        if s.machine not in ("q35", "microvm"):
             raise ValueError(f"livemig has no machine '{s.machine}' yet")
+        machine = []
+        if s.machine == "microvm":      # QEMU's options; -bios: the same firmware as QEMU's
+            machine = ["-M", MICROVM_MACHINE, "-nodefaults"]
+            if s.boot_image:
+                machine += ["-bios", s.boot_image]
         walk = f"walk,start=1M,end={s.walk_end}"
         if s.walk_rate is not None:
             walk += f",rate={s.walk_rate}"
@@ -99,7 +104,8 @@ class Vm:
             walk += f",tick={s.walk_tick}"
         if s.walk_pace:
             walk += f",pace={s.walk_pace}"
-        argv = [sys.executable, "-m", "livemig", "run", "-accel", s.accel, "-guest", walk, *common]
+        argv = [sys.executable, "-m", "livemig", "run", *machine, "-accel", s.accel,
+                "-guest", walk, *common]
         for dev in s.devices:
             argv += ["-device", dev]
         return argv + s.extra

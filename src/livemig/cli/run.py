@@ -97,7 +97,8 @@ class VmProcess:
                 serial_path=opts.serial, serial=serial, devices=opts.devices, name=opts.name,
                 uuid=opts.uuid, incoming=opts.incoming is not None,
                 start_paused=opts.start_paused, mem_prealloc=opts.mem_prealloc,
-                machine_type=opts.machine, dump_guest_core=opts.dump_guest_core),
+                machine_type=opts.machine, dump_guest_core=opts.dump_guest_core,
+                microvm=opts.microvm, bios_path=opts.bios),
                 on_event=self.server.emit_event)
         except BaseException:
             self._close_sinks()

@@ -16,6 +16,7 @@ from typing import Any
 from livemig import QEMU_VERSION, __version__
 from livemig.machine.accel_device import AccelDeviceConfig
 from livemig.machine.guest import MIB, GuestConfig
+from livemig.machine.microvm import MicrovmOptions
 from livemig.qapi.errors import (
     INVALID_ENUM_VALUE,
     INVALID_PARAMETER,
@@ -71,6 +72,9 @@ class RunOptions:
     msg_timestamp: bool = False         # -msg timestamp=on: messages start with the time
     dump_guest_core: bool = True        # -machine dump-guest-core=off: RAM left out of cores
     memory_backend: str | None = None   # -machine memory-backend=ID: the guest RAM's object
+    microvm: MicrovmOptions = field(default_factory=MicrovmOptions)   # -M microvm,...
+    bios: str | None = None             # -bios FILE (microvm's pc.bios)
+    _microvm_props: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     warnings: list[str] = field(default_factory=list)   # printed as "livemig: warning: ..."
     objects: list[dict[str, Any]] = field(default_factory=list)   # -object, checked ObjectOptions
     _serials: list[str] = field(default_factory=list, repr=False, compare=False)
@@ -80,6 +84,7 @@ class RunOptions:
 # livemig's machine types, as -M help lists them: (name, description, alias).
 MACHINE_TYPES = (("livemig-pc-10.0", "livemig PC (one vCPU, walk guest, accel devices)",
                   "livemig-pc"),
+                 ("microvm", "microvm (i386)", None),
                  ("none", "empty machine", None))
 DEFAULT_MACHINE = "livemig-pc-10.0"
 # -cpu models: the vCPU runs the walk guest, which needs no CPUID feature.
@@ -96,6 +101,12 @@ _MON_MODES = ("readline", "control")
 _HMP = "livemig has no human monitor (HMP); use QMP (mode=control)"
 # -machine properties livemig's machines have (QEMU's names), beyond type and accel.
 MACHINE_PROPS = ("usb", "dump-guest-core", "memory-backend")
+# QEMU 10.0's microvm properties: bool, or OnOffAuto (on/off/auto).
+MICROVM_BOOL_PROPS = ("x-option-roms", "isa-serial", "auto-kernel-cmdline")
+MICROVM_AUTO_PROPS = ("pit", "pic", "rtc", "ioapic2", "acpi", "pcie")
+# What livemig's microvm lacks: the property must say so (QEMU's default is on/auto).
+_MICROVM_MUST_BE_OFF = {"x-option-roms": "option ROMs", "pit": "PIT", "pic": "PIC",
+                        "rtc": "RTC"}
 # QEMU 10.0's -rtc, -overcommit, -boot, -msg keys (vl.c's QemuOptsList) and values.
 _RTC_KEYS = ("base", "clock", "driftfix")
 _BOOT_KEYS = ("order", "once", "menu", "splash", "splash-time", "reboot-timeout", "strict")
@@ -116,7 +127,7 @@ _OPTIONS = {"m": True, "accel": True, "qmp": True, "incoming": True, "S": False,
             "smp": True, "no-shutdown": False, "add-fd": True, "version": False,
             "no-user-config": False, "pidfile": True, "daemonize": False,
             "overcommit": True, "rtc": True, "boot": True, "audiodev": True, "msg": True,
-            "no-acpi": False, "object": True}
+            "no-acpi": False, "object": True, "bios": True}
 
 
 def parse_run_args(argv: list[str]) -> RunOptions:
@@ -142,6 +153,7 @@ def parse_run_args(argv: list[str]) -> RunOptions:
         if opts.help == "version":
             return opts
     _resolve_chardevs(opts)
+    _resolve_microvm(opts)
     if opts.guest.kind == "walk" and opts.machine != "none":
         try:
             opts.guest.validate(opts.ram_size)
@@ -302,6 +314,8 @@ def _apply_value(opts: RunOptions, name: str, value: str | None) -> None:
         opts._serials.append("none" if chardev.backend == "none" else f"chardev:{chardev.id}")
         if chardev.backend != "none":
             _add_chardev(opts, chardev)
+    elif name == "bios":
+        opts.bios = value
     elif name == "mem-prealloc":
         opts.mem_prealloc = True
     elif name == "object":
@@ -341,10 +355,47 @@ def _machine_accel(text: str) -> str:
     raise OptionError("no accelerator found")
 
 
+def _resolve_microvm(opts: RunOptions) -> None:
+    """``-M microvm,...``: its properties checked in QEMU's terms, then what livemig's
+    microvm honours; ``-bios`` belongs to it."""
+    props = opts._microvm_props
+    if opts.machine != "microvm":
+        if props:
+            key = next(iter(props))
+            raise OptionError(f"Property '{opts.machine}-machine.{key}' not found")
+        if opts.bios is not None:
+            raise OptionError(f"-bios: machine '{opts.machine}' boots without firmware "
+                              "(-bios is for -M microvm)")
+        return
+    value: dict[str, str] = {}
+    for key, text in props.items():
+        if key in MICROVM_BOOL_PROPS:
+            if text not in ("on", "off", "yes", "no", "true", "false", "y", "n"):
+                raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+            value[key] = "on" if text in ("on", "yes", "true", "y") else "off"
+        else:
+            if text not in ("on", "off", "auto"):
+                raise OptionError(f"Parameter '{key}' does not accept value '{text}'")
+            value[key] = text
+    for key, what in _MICROVM_MUST_BE_OFF.items():
+        if value.get(key, "on" if key == "x-option-roms" else "auto") != "off":
+            raise OptionError(f"livemig's microvm has no {what}: pass -M microvm,{key}=off")
+    if value.get("acpi", "auto") == "off":
+        raise OptionError("livemig's microvm has QEMU's ACPI devices and tables: acpi=off "
+                          "is not supported")
+    if value.get("pcie", "auto") == "on":
+        raise OptionError("livemig's microvm has no PCIe host bridge: pcie=on is not supported")
+    opts.microvm = MicrovmOptions(isa_serial=value.get("isa-serial", "on") == "on",
+                                  ioapic2=value.get("ioapic2", "auto") != "off")
+
+
 def _machine_props(opts: RunOptions, machine: Opts) -> None:
     """``-machine TYPE,accel=,usb=,dump-guest-core=,memory-backend=`` (QEMU's names)."""
     for key, text in machine.pairs:
         if key in ("type", "accel"):
+            continue
+        if key in MICROVM_BOOL_PROPS or key in MICROVM_AUTO_PROPS:
+            opts._microvm_props[key] = text     # checked once the machine type is known
             continue
         if key not in MACHINE_PROPS:
             raise OptionError(f"Property '{opts.machine}-machine.{key}' not found")

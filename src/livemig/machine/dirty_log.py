@@ -36,11 +36,14 @@ class DirtyLog:
             with self._lock:
                 self.bits[pages] = True
 
-    def merge_packed(self, packed: np.ndarray) -> None:
-        """OR a KVM-style little-endian packed bitmap (uint64 words) into the log."""
-        bits = np.unpackbits(packed.view(np.uint8), bitorder="little")[: self.npages]
+    def merge_packed(self, packed: np.ndarray, first_page: int = 0,
+                     npages: int | None = None) -> None:
+        """OR a KVM-style little-endian packed bitmap (uint64 words) into the log;
+        bit 0 is ``first_page`` (one memory slot of several)."""
+        n = self.npages - first_page if npages is None else npages
+        bits = np.unpackbits(packed.view(np.uint8), bitorder="little")[:n]
         with self._lock:
-            self.bits |= bits.astype(bool)
+            self.bits[first_page:first_page + n] |= bits.astype(bool)
 
     def sync(self, into: np.ndarray, *, written: np.ndarray | None = None) -> int:
         """OR the dirtied pages into ``into`` and clear the log; return how many were new.

@@ -46,7 +46,8 @@ import struct
 import sys
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ import numpy as np
 from livemig.machine import kvm_abi as abi
 from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
+from livemig.machine.kvm_cpu_vmstate import KvmCpuState, section_msrs
 from livemig.machine.ram import TARGET_PAGE_SIZE, RamBlock
 from livemig.machine.serial import COM1_PORT, Serial
 from livemig.threadname import name_native_thread
@@ -119,6 +121,18 @@ _MAX_MSRS = 256
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc.ioctl.restype = ctypes.c_int
+
+
+@dataclass(frozen=True)
+class MemorySlot:
+    """One KVM memory slot: ``size`` bytes of ``block`` from ``offset`` at
+    guest-physical ``gpa``; ``readonly`` for firmware (KVM_MEM_READONLY)."""
+
+    gpa: int
+    block: RamBlock
+    offset: int
+    size: int
+    readonly: bool = False
 
 
 def _ioctl_ulong(fd: int, request: int, value: int) -> int:
@@ -223,11 +237,17 @@ class KvmAccelerator:
     name = "kvm"
 
     def __init__(self, ram: RamBlock, dirty_log: DirtyLog, serial: Serial,
-                 guest: GuestConfig, *, irqchip: bool = False) -> None:
+                 guest: GuestConfig, *, irqchip: bool = False,
+                 slots: Sequence[MemorySlot] | None = None, firmware: bool = False) -> None:
+        """``slots``: the guest-physical map (default: ``ram`` at 0); the slots of
+        ``ram`` are dirty-logged. ``firmware``: the vCPU starts at the reset
+        vector (0xfffffff0) in the firmware a slot maps there, no boot sector."""
         guest.validate(ram.size)
         self.irqchip = irqchip              # KVM's in-kernel LAPIC, IOAPIC and PICs
         self.ram, self.dirty_log, self.serial, self.guest = ram, dirty_log, serial, guest
-        self._image = self._guest_image(guest)     # fail early on a bad image
+        self.firmware = firmware
+        self._image = b"" if firmware else self._guest_image(guest)  # fail early on a bad one
+        self.slots = list(slots) if slots is not None else [MemorySlot(0, ram, 0, ram.size)]
         if ram.size < BOOT_ADDR + BOOTSECTOR_SIZE:
             raise ValueError(f"RAM of {ram.size} bytes cannot hold a boot sector at "
                              f"0x{BOOT_ADDR:x}")
@@ -240,7 +260,8 @@ class KvmAccelerator:
         self._halted = False                # parked by the guest (HLT) or an error
         self.stop_reason: str | None = None  # why the vCPU parked on its own
         self._logging = False
-        self._bitmap = np.zeros((ram.npages + 63) // 64, dtype=np.uint64)
+        self._bitmaps = [np.zeros((slot.size // TARGET_PAGE_SIZE + 63) // 64, dtype=np.uint64)
+                         for slot in self.slots]
         self._kvm_fd = self._vm_fd = self._vcpu_fd = -1
         self._run_map: mmap.mmap | None = None
         self._head: abi.kvm_run_head | None = None
@@ -250,6 +271,7 @@ class KvmAccelerator:
             self._close_fds()
             raise
         self._reset_state = self._collect_state()
+        self._reset_lapic = self._lapic_page() if irqchip else b""
 
     # -- setup -----------------------------------------------------------------------
     @staticmethod
@@ -285,7 +307,10 @@ class KvmAccelerator:
                             struct.pack("<Q", IDENTITY_MAP_ADDR))
             if self._caps[abi.KVM_CAP_SET_TSS_ADDR]:
                 _ioctl_ulong(self._vm_fd, abi.KVM_SET_TSS_ADDR, TSS_ADDR)
-        self._set_slot(0)
+        if any(slot.readonly for slot in self.slots) and \
+                not self._check_extension(abi.KVM_CAP_READONLY_MEM):
+            raise OSError(errno.ENOTSUP, "KVM lacks KVM_CAP_READONLY_MEM (firmware mapping)")
+        self._set_slots(log=False)
         if self.irqchip:        # before the vCPU, so it gets an in-kernel LAPIC
             if not self._check_extension(abi.KVM_CAP_IRQCHIP):
                 raise OSError(errno.ENOTSUP, "KVM lacks KVM_CAP_IRQCHIP")
@@ -301,11 +326,16 @@ class KvmAccelerator:
     def _check_extension(self, cap: int) -> int:
         return fcntl.ioctl(self._kvm_fd, abi.KVM_CHECK_EXTENSION, cap)
 
-    def _set_slot(self, flags: int) -> None:
-        region = abi.kvm_userspace_memory_region(
-            slot=_SLOT, flags=flags, guest_phys_addr=0, memory_size=self.ram.size,
-            userspace_addr=self.ram.host_address)
-        fcntl.ioctl(self._vm_fd, abi.KVM_SET_USER_MEMORY_REGION, region.to_bytes())
+    def _set_slots(self, *, log: bool) -> None:
+        """Register every slot; ``log``: the RAM block's with dirty logging."""
+        for n, slot in enumerate(self.slots):
+            flags = abi.KVM_MEM_READONLY if slot.readonly else 0
+            if log and slot.block is self.ram and not slot.readonly:
+                flags |= abi.KVM_MEM_LOG_DIRTY_PAGES
+            region = abi.kvm_userspace_memory_region(
+                slot=_SLOT + n, flags=flags, guest_phys_addr=slot.gpa, memory_size=slot.size,
+                userspace_addr=slot.block.host_address + slot.offset)
+            fcntl.ioctl(self._vm_fd, abi.KVM_SET_USER_MEMORY_REGION, region.to_bytes())
 
     def _set_cpuid(self) -> None:
         """Give the guest the host's supported CPUID (like ``-cpu host``)."""
@@ -321,6 +351,10 @@ class KvmAccelerator:
                     raise
                 nent *= 2
         fcntl.ioctl(self._vcpu_fd, abi.KVM_SET_CPUID2, buf)
+        self._cpuid: dict[tuple[int, int], abi.kvm_cpuid_entry2] = {}
+        for i in range(struct.unpack_from("<I", buf)[0]):
+            entry = abi.kvm_cpuid_entry2.from_buffer_copy(buf, 8 + i * 40)
+            self._cpuid[(entry.function, entry.index)] = entry
 
     def _savable_msrs(self) -> list[int]:
         buf = bytearray(4 + 4 * 1024)
@@ -328,6 +362,7 @@ class KvmAccelerator:
         fcntl.ioctl(self._kvm_fd, abi.KVM_GET_MSR_INDEX_LIST, buf)
         (n,) = struct.unpack_from("<I", buf)
         listed = set(struct.unpack_from(f"<{n}I", buf, 4))
+        self._listed_msrs = listed
         return [m for m in abi.SAVED_MSRS if m in listed]
 
     # -- control (any thread) ----------------------------------------------------------
@@ -336,6 +371,17 @@ class KvmAccelerator:
         mode with the registers a BIOS leaves (DL = 0x80, the first hard disk)."""
         self._require_paused("reset")
         self._apply_state(self._reset_state)
+        if self.firmware:       # KVM's reset state: F000:FFF0, base 0xffff0000
+            if self.irqchip:    # QEMU's LAPIC reset: every LVT masked (no PIC: LINT0 too)
+                lapic = bytearray(self._reset_lapic)
+                struct.pack_into("<I", lapic, 0x350, 0x10000)
+                fcntl.ioctl(self._vcpu_fd, abi.KVM_SET_LAPIC,
+                            abi.kvm_lapic_state.from_bytes(bytes(lapic)))
+            # QEMU's x86 CPU reset: IA32_MISC_ENABLE is fast strings only (KVM's
+            # reset value has the PEBS/BTS-unavailable bits instead).
+            self.set_msrs({abi.MSR_IA32_MISC_ENABLE: 1})
+            self._halted, self.stop_reason = False, None
+            return
         self.ram.write(BOOT_ADDR, self._image)
         if self._logging:  # host writes are not in KVM's log
             page = BOOT_ADDR // TARGET_PAGE_SIZE
@@ -400,13 +446,13 @@ class KvmAccelerator:
     def log_dirty_start(self) -> None:
         """Re-register the slot with KVM_MEM_LOG_DIRTY_PAGES (KVM write-protects it)."""
         if not self._logging:
-            self._set_slot(abi.KVM_MEM_LOG_DIRTY_PAGES)
+            self._set_slots(log=True)
             self._logging = True
         self.dirty_log.enabled = True
 
     def log_dirty_stop(self) -> None:
         if self._logging:
-            self._set_slot(0)
+            self._set_slots(log=False)
             self._logging = False
         self.dirty_log.enabled = False
 
@@ -415,9 +461,14 @@ class KvmAccelerator:
         into the DirtyLog."""
         if not self._logging:
             return
-        log = abi.kvm_dirty_log(slot=_SLOT, dirty_bitmap=self._bitmap.ctypes.data)
-        fcntl.ioctl(self._vm_fd, abi.KVM_GET_DIRTY_LOG, log.to_bytes())
-        self.dirty_log.merge_packed(self._bitmap)
+        for n, slot in enumerate(self.slots):
+            if slot.block is not self.ram or slot.readonly:
+                continue
+            bitmap = self._bitmaps[n]
+            log = abi.kvm_dirty_log(slot=_SLOT + n, dirty_bitmap=bitmap.ctypes.data)
+            fcntl.ioctl(self._vm_fd, abi.KVM_GET_DIRTY_LOG, log.to_bytes())
+            self.dirty_log.merge_packed(bitmap, first_page=slot.offset // TARGET_PAGE_SIZE,
+                                        npages=slot.size // TARGET_PAGE_SIZE)
 
     # -- vCPU state ----------------------------------------------------------------------
     def save_cpu_state(self) -> bytes:
@@ -573,6 +624,96 @@ class KvmAccelerator:
         (flags,) = _VMST.unpack(sections[b"VMST"])
         self._halted = bool(flags & _VMST_HALTED)
         self.stop_reason = "halted (restored)" if self._halted else None
+
+    # -- the vCPU as QEMU's cpu section sees it (machine/kvm_cpu_vmstate.py) -------------
+    def get_kvm_cpu(self) -> KvmCpuState:
+        """Every part QEMU's ``cpu`` section is made from, read while paused."""
+        self._require_paused("read the vCPU state")
+        fd = self._vcpu_fd
+        regs, sregs = abi.kvm_regs(), abi.kvm_sregs()
+        fcntl.ioctl(fd, abi.KVM_GET_REGS, regs)
+        fcntl.ioctl(fd, abi.KVM_GET_SREGS, sregs)
+        xsave = abi.kvm_xsave()
+        fcntl.ioctl(fd, abi.KVM_GET_XSAVE, xsave)
+        xcrs = abi.kvm_xcrs()
+        fcntl.ioctl(fd, abi.KVM_GET_XCRS, xcrs)
+        xcr0 = next((int(x.value) for x in xcrs.xcrs[:xcrs.nr_xcrs] if x.xcr == 0), 1)
+        events, debugregs = abi.kvm_vcpu_events(), abi.kvm_debugregs()
+        fcntl.ioctl(fd, abi.KVM_GET_VCPU_EVENTS, events)
+        fcntl.ioctl(fd, abi.KVM_GET_DEBUGREGS, debugregs)
+        mp = abi.kvm_mp_state()
+        fcntl.ioctl(fd, abi.KVM_GET_MP_STATE, mp)
+        return KvmCpuState(
+            regs=regs, sregs=sregs, xsave=xsave.to_bytes(), xcr0=xcr0, events=events,
+            debugregs=debugregs, msrs=self.get_msrs(section_msrs()), mp_state=int(mp.mp_state),
+            tsc_khz=fcntl.ioctl(fd, abi.KVM_GET_TSC_KHZ, 0), xsave_offsets=self._xsave_offsets(),
+            phys_bits=self._phys_bits())
+
+    def set_kvm_cpu(self, st: KvmCpuState) -> None:
+        """Put a state back in QEMU's order: regs, xsave, xcrs, sregs, MSRs (the TSC
+        last), events, mp_state, debug registers; the TSC rate first."""
+        self._require_paused("load the vCPU state")
+        fd = self._vcpu_fd
+        khz = fcntl.ioctl(fd, abi.KVM_GET_TSC_KHZ, 0)
+        if st.tsc_khz and st.tsc_khz != khz:
+            try:
+                _ioctl_ulong(fd, abi.KVM_SET_TSC_KHZ, st.tsc_khz)
+            except OSError as exc:
+                raise ValueError(f"cpu: the TSC runs at {khz} kHz here and KVM cannot set "
+                                 f"the guest's {st.tsc_khz} kHz: {exc.strerror}") from None
+        fcntl.ioctl(fd, abi.KVM_SET_REGS, st.regs.to_bytes())
+        fcntl.ioctl(fd, abi.KVM_SET_XSAVE, bytearray(st.xsave))
+        xcrs = abi.kvm_xcrs(nr_xcrs=1)
+        xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, st.xcr0
+        fcntl.ioctl(fd, abi.KVM_SET_XCRS, xcrs.to_bytes())
+        fcntl.ioctl(fd, abi.KVM_SET_SREGS, st.sregs.to_bytes())
+        self.set_msrs(st.msrs)
+        fcntl.ioctl(fd, abi.KVM_SET_VCPU_EVENTS, st.events.to_bytes())
+        fcntl.ioctl(fd, abi.KVM_SET_MP_STATE, abi.kvm_mp_state(mp_state=st.mp_state).to_bytes())
+        fcntl.ioctl(fd, abi.KVM_SET_DEBUGREGS, st.debugregs.to_bytes())
+        self._halted, self.stop_reason = False, None
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """The MSRs of ``indices`` that this KVM lists (KVM_GET_MSR_INDEX_LIST)."""
+        wanted = [i for i in indices if i in self._listed_msrs]
+        buf = bytearray(8 + 16 * len(wanted))
+        struct.pack_into("<I", buf, 0, len(wanted))
+        for n, index in enumerate(wanted):
+            _MSR_ENTRY.pack_into(buf, 8 + 16 * n, index, 0, 0)
+        got = fcntl.ioctl(self._vcpu_fd, abi.KVM_GET_MSRS, buf)
+        return {_MSR_ENTRY.unpack_from(buf, 8 + 16 * n)[0]: _MSR_ENTRY.unpack_from(
+            buf, 8 + 16 * n)[2] for n in range(got)}
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        """Set MSRs in order (a dict keeps it); those already at the value are left
+        alone, so an MSR KVM lets the host read but not rewrite is no error."""
+        current = self.get_msrs(msrs)
+        todo = [(i, v) for i, v in msrs.items() if i in current and current[i] != v]
+        buf = bytearray(struct.pack("<II", len(todo), 0))
+        for index, value in todo:
+            buf += _MSR_ENTRY.pack(index, 0, value & 0xFFFFFFFFFFFFFFFF)
+        done = fcntl.ioctl(self._vcpu_fd, abi.KVM_SET_MSRS, buf)
+        if done != len(todo):
+            index, value = todo[done]
+            raise ValueError(f"cpu: KVM refused MSR 0x{index:x} = 0x{value:x}")
+
+    def _xsave_offsets(self) -> dict[int, int]:
+        """XSAVE component -> offset in the standard format (CPUID 0xD, sub-leaf n)."""
+        out = {}
+        for comp in range(2, 19):
+            entry = self._cpuid.get((0xD, comp))
+            if entry is not None and entry.eax and entry.ebx:
+                out[comp] = int(entry.ebx)
+        return out
+
+    def _phys_bits(self) -> int:
+        entry = self._cpuid.get((0x80000008, 0))
+        return int(entry.eax & 0xFF) if entry is not None and entry.eax & 0xFF else 36
+
+    def _lapic_page(self) -> bytes:
+        buf = bytearray(ctypes.sizeof(abi.kvm_lapic_state))
+        fcntl.ioctl(self._vcpu_fd, abi.KVM_GET_LAPIC, buf)
+        return bytes(buf)
 
     # -- the in-kernel irqchip and kvmclock (QEMU's kvm-apic, kvm-ioapic, kvmclock) ------
     def get_lapic(self) -> bytes:

@@ -64,6 +64,7 @@ class kvm_userspace_memory_region(_S):
 
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1      # writes exit to userspace as MMIO (firmware images)
 
 
 class kvm_dirty_log(_S):
@@ -226,6 +227,10 @@ KVM_CAP_DEBUGREGS = 50
 KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_MP_STATE = 14
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_TSC_CONTROL = 60
 
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
@@ -298,6 +303,20 @@ class kvm_clock_data(_S):
                 ("host_tsc", u64), ("pad", u32 * 4)]
 
 
+class kvm_mp_state(_S):
+    _fields_ = [("mp_state", u32)]
+
+
+KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_HALTED = 0, 3
+KVM_VCPUEVENT_VALID_NMI_PENDING = 1 << 0
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 1 << 1
+KVM_VCPUEVENT_VALID_SHADOW = 1 << 2
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 1 << 5
+
+KVM_GET_MP_STATE = _ior(0x98, kvm_mp_state)
+KVM_SET_MP_STATE = _iow(0x99, kvm_mp_state)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_GET_IRQCHIP = _iowr(0x62, kvm_irqchip)
 KVM_SET_IRQCHIP = _ior(0x63, kvm_irqchip)      # sic: _IOR in <linux/kvm.h>

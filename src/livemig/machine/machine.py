@@ -21,6 +21,17 @@ from livemig.machine.cpu_vmstate import CpuHandler
 from livemig.machine.dirty_log import DirtyLog
 from livemig.machine.guest import GuestConfig
 from livemig.machine.hostmem import HostMemoryBackend
+from livemig.machine.microvm import (
+    MICROVM_MACHINE,
+    RAM_SECTION_ID,
+    MicrovmMemory,
+    MicrovmOptions,
+    MicrovmState,
+    firmware_image,
+)
+from livemig.machine.microvm import (
+    RAM_BLOCK_NAME as MICROVM_RAM_BLOCK_NAME,
+)
 from livemig.machine.ram import RamBlock
 from livemig.machine.runstate import RunState, check_transition
 from livemig.machine.serial import Serial
@@ -45,7 +56,9 @@ class MachineConfig:
     incoming: bool = False       # -incoming given: start in inmigrate
     start_paused: bool = False   # -S
     mem_prealloc: bool = False   # -mem-prealloc
-    machine_type: str = MACHINE_TYPE   # or NONE_MACHINE
+    machine_type: str = MACHINE_TYPE   # or NONE_MACHINE, MICROVM_MACHINE
+    microvm: MicrovmOptions = field(default_factory=MicrovmOptions)  # -M microvm,...
+    bios_path: str | None = None  # -bios (microvm): default the walk firmware
     dump_guest_core: bool = True  # -machine dump-guest-core=off: MADV_DONTDUMP on RAM
     ram_backend: HostMemoryBackend | None = None  # -machine memory-backend=ID's object
 
@@ -121,9 +134,17 @@ class Machine:
         if not self.empty:
             config.guest.validate(config.ram_size)
         self.accel_name = choose_accelerator(config.accel)
+        self.is_microvm = config.machine_type == MICROVM_MACHINE
+        if self.is_microvm:
+            if self.accel_name != "kvm":
+                raise ValueError("livemig's microvm runs on KVM only (-accel kvm): its "
+                                 "LAPIC, IOAPIC and clock are KVM's in-kernel ones")
+            if config.devices:
+                raise ValueError(f"machine '{MICROVM_MACHINE}' takes no livemig accel devices")
         backend = config.ram_backend
         if backend is None:
-            self.ram = RamBlock(RAM_BLOCK_NAME, config.ram_size)
+            self.ram = RamBlock(MICROVM_RAM_BLOCK_NAME if self.is_microvm else RAM_BLOCK_NAME,
+                                config.ram_size)
         else:   # QEMU names the block after the backend (libvirt's is "pc.ram")
             fd = backend.open_fd()
             try:
@@ -136,9 +157,28 @@ class Machine:
         if not config.dump_guest_core or (backend is not None and not backend.dump):
             self.ram.mem.madvise(mmap.MADV_DONTDUMP)
         self.dirty_log = DirtyLog(self.ram.npages)
-        self.serial = config.serial or Serial(config.serial_path)
+        if self.is_microvm and not config.microvm.isa_serial:
+            self.serial = Serial(None)      # isa-serial=off: no COM1, the walk writes to nothing
+        else:
+            self.serial = config.serial or Serial(config.serial_path)
         self.cpu: Accelerator
-        if self.empty:
+        # Blocks besides RAM that the ram section carries (microvm's firmware and ROMs).
+        self.extra_ram: list[RamBlock] = []
+        self.microvm_state: MicrovmState | None = None
+        self.ram_section_id: int | None = None      # the ram section's id: QEMU's on microvm
+        self._microvm_memory: MicrovmMemory | None = None
+        if self.is_microvm:
+            from livemig.machine.kvm import KvmAccelerator
+            memory = MicrovmMemory(self.ram, firmware_image(config.bios_path, config.guest))
+            self._microvm_memory = memory
+            self.extra_ram = memory.extra_blocks()
+            kvm = KvmAccelerator(self.ram, self.dirty_log, self.serial, config.guest,
+                                 irqchip=True, slots=memory.slots(), firmware=True)
+            self.cpu = kvm
+            has_serial = config.serial is not None or config.serial_path is not None
+            self.microvm_state = MicrovmState(kvm, config.microvm, serial=has_serial)
+            self.ram_section_id = RAM_SECTION_ID
+        elif self.empty:
             if config.devices:
                 raise ValueError(f"machine '{NONE_MACHINE}' takes no devices")
             self.cpu = NoVcpu(self.accel_name)
@@ -175,8 +215,17 @@ class Machine:
         register_savevm_live / vmstate_register by each device): the devices
         in creation order, then the vCPU state. The engine adds ``ram`` before
         them and ``globalstate`` after."""
+        if self.microvm_state is not None:     # QEMU's sections, in QEMU's order
+            return self.microvm_state.handlers()
         cpu: list[SaveVMHandlers] = [] if self.empty else [CpuHandler(self)]
         return [*(AccelHandler(dev) for dev in self.devices.values()), *cpu]
+
+    def physical_map(self) -> list[tuple[int, RamBlock, int, int]]:
+        """Guest-physical memory as (address, block, offset in it, length), for
+        ``pmemsave``: RAM at 0, and microvm's firmware where its vCPU sees it."""
+        if self._microvm_memory is None:
+            return [(0, self.ram, 0, self.ram.size)]
+        return sorted((s.gpa, s.block, s.offset, s.size) for s in self._microvm_memory.slots())
 
     def is_running(self) -> bool:
         return self.runstate is RunState.RUNNING
@@ -238,3 +287,5 @@ class Machine:
         for dev in self.devices.values():
             dev.close()
         self.serial.close()
+        if self._microvm_memory is not None:
+            self._microvm_memory.close()

@@ -67,8 +67,14 @@ class SaveVMHandlers:
 
     idstr: str = ""
     instance_id: int = 0
+    # The section id the source gives this handler; None: the next free one
+    # (QEMU numbers in registration order; a QEMU machine's ids are QEMU's).
+    section_id: int | None = None
     version_id: int = 1
     payload_kind: PayloadKind = PayloadKind.BLOB
+    # PayloadKind.VMSTATE: the payload's VMStateDescription (livemig.wire.vmstate),
+    # which the destination's decoder walks it with.
+    vmsd: Any = None
     iterable: bool = False
     # QEMU's has_postcopy: the rest of this iterable state may follow the guest
     # to the destination (RAM with postcopy-ram); the others complete before.

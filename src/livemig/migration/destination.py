@@ -273,7 +273,8 @@ class IncomingState(AnnouncesStatus):
             if init.channel_id >= n or init.channel_id in multifd:
                 raise LoadError(f"multifd: unexpected channel id {init.channel_id}")
             multifd[init.channel_id] = ch
-        self.multifd = MultifdReceiver([multifd[i] for i in range(n)], self.machine.ram)
+        self.multifd = MultifdReceiver([multifd[i] for i in range(n)], self.machine.ram,
+                                       self.machine.extra_ram)
 
     def _tls_server(self, channel: Channel) -> Channel:
         """QEMU's migration_tls_channel_process_incoming for one accepted connection."""
@@ -516,7 +517,8 @@ class IncomingState(AnnouncesStatus):
             self.savevm.register_savevm_live(h)
         # No record of ours comes near 16 MiB (device data goes in 1 MiB chunks): a
         # hostile length is refused instead of buffered.
-        dec = StreamDecoder(self.savevm.payload_kinds(), max_payload=MAX_RECORD_BYTES)
+        dec = StreamDecoder(self.savevm.payload_kinds(), max_payload=MAX_RECORD_BYTES,
+                            vmstate=self.savevm.vmstate_descriptions())
         if self._preread:
             dec.receive_data(self._preread)    # the magic multifd classification read
         # Page runs go straight into guest RAM where the channel can scatter

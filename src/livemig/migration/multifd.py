@@ -18,6 +18,7 @@ import logging
 import queue
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,8 +298,11 @@ class _OneRun:
 class MultifdReceiver:
     """Destination side: one thread per channel applying packets to RAM."""
 
-    def __init__(self, channels: list[Any], ram) -> None:
+    def __init__(self, channels: list[Any], ram, extra: Sequence[Any] = ()) -> None:
+        """``extra``: the machine's other RAM blocks (microvm's firmware and ROMs),
+        which a QEMU source sends on these channels too."""
         self.ram = ram
+        self.extra = {b.idstr: b for b in extra}
         self.channels = channels
         self.error: str | None = None
         self.pages = 0
@@ -355,22 +359,23 @@ class MultifdReceiver:
                     self.pages += n
                     continue
                 pkt = decode_multifd_packet_header(head)
-                normal, zero = self._pages(pkt)
+                block, normal, zero = self._pages(pkt)
                 # The offsets came first, so the data go straight into guest RAM,
                 # a run of consecutive pages per iovec (QEMU reads into iovecs of
                 # host pages the same way), and the next packet's header with
                 # them in the same readv: one system call per packet, no copy.
                 # A SYNC waits before anything more is read.
-                iov = self._data_iovec(normal, None if pkt.sync else head_iov)
+                iov = self._data_iovec(normal, None if pkt.sync else head_iov,
+                                       block.host_address)
                 want = int(normal.size) << TARGET_PAGE_BITS
                 got = ch.recv_iovec(iov) - want if iov.size else 0
                 if got < 0:
                     raise ValueError(f"multifd: packet {pkt.packet_num} ends early "
                                      f"({got + want} of {want} data bytes)")
                 if normal.size:
-                    self.ram.loaded[normal] = True
+                    block.loaded[normal] = True
                 if zero.size:
-                    zero_pages(self.ram, zero)
+                    zero_pages(block, zero)
                 self.pages += int(normal.size + zero.size)
                 if pkt.sync:
                     # Stop here until the load thread reaches the matching
@@ -386,13 +391,13 @@ class MultifdReceiver:
         except Exception as exc:  # noqa: BLE001 - reported through self.error
             self._fail(getattr(exc, "desc", None) or str(exc))
 
-    def _pages(self, pkt) -> tuple[np.ndarray, np.ndarray]:
-        """A packet's (normal, zero) page numbers, checked as QEMU checks them."""
-        ram = self.ram
+    def _pages(self, pkt) -> tuple[Any, np.ndarray, np.ndarray]:
+        """A packet's block and (normal, zero) page numbers, checked as QEMU checks them."""
         offs = pkt.offsets
         if not offs.size:
-            return offs, offs
-        if pkt.block != ram.idstr:
+            return self.ram, offs, offs
+        ram = self.ram if pkt.block == self.ram.idstr else self.extra.get(pkt.block)
+        if ram is None:
             raise ValueError(f"multifd: unknown ram block {pkt.block}")
         top = int(offs.max())
         if top > ram.size - TARGET_PAGE_SIZE:
@@ -400,14 +405,16 @@ class MultifdReceiver:
         if np.bitwise_or.reduce(offs) & (TARGET_PAGE_SIZE - 1):
             raise ValueError("multifd: page offset not page aligned")
         pages = (offs >> _PAGE_BITS).astype(np.int64)
-        return pages[:pkt.normal_pages], pages[pkt.normal_pages:]
+        return ram, pages[:pkt.normal_pages], pages[pkt.normal_pages:]
 
-    def _data_iovec(self, normal: np.ndarray, then: np.ndarray | None) -> np.ndarray:
-        """iovecs for these pages' data in guest RAM, a run per iovec, then ``then``."""
+    def _data_iovec(self, normal: np.ndarray, then: np.ndarray | None,
+                    base_address: int | None = None) -> np.ndarray:
+        """iovecs for these pages' data in guest RAM (or the block at
+        ``base_address``), a run per iovec, then ``then``."""
         extra = 0 if then is None else 1
         if not normal.size:
             return then if then is not None else np.empty(0, dtype=IOVEC)
-        base = np.uint64(self._ram_base)
+        base = np.uint64(self._ram_base if base_address is None else base_address)
         if int(normal[-1]) - int(normal[0]) + 1 == normal.size and \
                 (normal.size < 3 or bool((np.diff(normal) == 1).all())):
             iov = np.empty(1 + extra, dtype=IOVEC)       # one run: the common case

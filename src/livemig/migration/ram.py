@@ -104,6 +104,7 @@ class RamSaveHandler(SaveVMHandlers):
         first (the reference the property tests compare against)."""
         self.machine = machine
         self.ram = machine.ram
+        self.section_id = getattr(machine, "ram_section_id", None)   # microvm: QEMU's 1
         self.on_sync = on_sync
         self.counters = RamCounters()
         self.bitmap = np.zeros(self.ram.npages, dtype=bool)
@@ -128,6 +129,10 @@ class RamSaveHandler(SaveVMHandlers):
         self._hdr_steps = np.arange(DOWNTIME_BATCH_PAGES, dtype=np.uint64) * np.uint64(8)
         self.has_postcopy = False          # postcopy-ram: RAM may follow the guest
         self.requests: PageRequests | None = None   # set when postcopy begins
+        # The machine's other blocks (microvm's firmware and ROMs): small, never
+        # written by the guest, sent whole once (main channel, even with multifd).
+        self.extra = list(getattr(machine, "extra_ram", ()))
+        self._extra_unsent = bool(self.extra)
 
     # -- dirty tracking ---------------------------------------------------------
     def bitmap_sync(self) -> None:
@@ -168,15 +173,40 @@ class RamSaveHandler(SaveVMHandlers):
         self._zero_known = bool(self.known_zero.any())
         self.bitmap[:] = True
         self.bitmap_sync()
-        out.write(encode_ram_block_list([(self.ram.idstr, self.ram.size)]))
+        self._extra_unsent = bool(self.extra)
+        out.write(encode_ram_block_list([(self.ram.idstr, self.ram.size),
+                                         *((b.idstr, b.size) for b in self.extra)]))
         out.write(encode_ram_eos())
 
     def state_pending_estimate(self) -> int:
-        return self.remaining_bytes()
+        return self.remaining_bytes() + self._extra_pending()
 
     def state_pending_exact(self) -> int:
         self.bitmap_sync()
-        return self.remaining_bytes()
+        return self.remaining_bytes() + self._extra_pending()
+
+    def _extra_pending(self) -> int:
+        return sum(b.size for b in self.extra) if self._extra_unsent else 0
+
+    def _send_extra(self, out: OutStream) -> None:
+        """Every page of the other blocks, once (zero pages as ZERO records)."""
+        self._extra_unsent = False
+        c = self.counters
+        for block in self.extra:
+            idx = np.arange(block.npages)
+            nonzero = block.nonzero_pages(idx, np.zeros(block.npages, dtype=bool))
+            offsets = idx.astype(np.int64) << TARGET_PAGE_BITS
+            if not nonzero.all():
+                out.write(encode_ram_zero_pages(block.idstr, offsets[~nonzero],
+                                                first_has_block_name=True))
+            if nonzero.any():
+                out.write(encode_ram_pages(block.idstr, offsets[nonzero], block.pages[nonzero],
+                                           first_has_block_name=not (~nonzero).any()))
+            self._last_block = block.idstr
+            c.duplicate += int(np.count_nonzero(~nonzero))
+            c.normal += int(np.count_nonzero(nonzero))
+            c.precopy_bytes += int(np.count_nonzero(nonzero)) * TARGET_PAGE_SIZE
+            c.pages_in_window += block.npages
 
     def _multifd_flush(self, out: OutStream, *, force: bool = False) -> None:
         if self.multifd is not None and (self._flush_pending or force):
@@ -189,6 +219,8 @@ class RamSaveHandler(SaveVMHandlers):
 
     def save_live_iterate(self, out: OutStream) -> bool:
         self._multifd_flush(out)
+        if self._extra_unsent:
+            self._send_extra(out)
         deadline = time.monotonic() + MAX_WAIT_S
         done = False
         if self.requests is not None:
@@ -232,6 +264,8 @@ class RamSaveHandler(SaveVMHandlers):
             self.multifd_pages_at_stop = self.multifd.normal_pages
         self.bitmap_sync()
         self._multifd_flush(out)
+        if self._extra_unsent:
+            self._send_extra(out)
         while True:
             idx = self._next_dirty(DOWNTIME_BATCH_PAGES)
             if idx.size == 0:
@@ -355,6 +389,8 @@ class RamLoadHandler(SaveVMHandlers):
 
     def __init__(self, machine) -> None:
         self.ram = machine.ram
+        # The machine's other blocks by name (microvm's firmware and ROMs).
+        self.extra = {b.idstr: b for b in getattr(machine, "extra_ram", ())}
         self.pages_loaded = 0
         self.has_postcopy = True           # its pages may come after the guest runs
         self.placer: PagePlacer | None = None   # set at POSTCOPY_LISTEN
@@ -363,7 +399,10 @@ class RamLoadHandler(SaveVMHandlers):
         self.pages_loaded = 0
 
     def load_event(self, event) -> None:
-        if self.placer is not None and isinstance(event, (RamPages, RamZeroPages)):
+        if self.extra and isinstance(event, (RamPages, RamZeroPages)) \
+                and event.block in self.extra:
+            self._load_extra(event)
+        elif self.placer is not None and isinstance(event, (RamPages, RamZeroPages)):
             idx = self._page_numbers(event.block, event.offsets)
             if isinstance(event, RamPages):
                 self.placer.place_pages(idx, event.data)
@@ -397,12 +436,22 @@ class RamLoadHandler(SaveVMHandlers):
         self.ram.loaded[first:first + count] = True
         self.pages_loaded += count
 
+    def _load_extra(self, event: RamPages | RamZeroPages) -> None:
+        block = self.extra[event.block]
+        offsets = event.offsets
+        if offsets.size and (int(offsets.max()) >= block.size or int(offsets.min()) < 0):
+            raise ValueError(f"Illegal RAM offset {int(offsets.max()):x}")
+        idx = offsets >> TARGET_PAGE_BITS
+        block.pages[idx] = event.data if isinstance(event, RamPages) else 0
+        self.pages_loaded += int(idx.size)
+
     def _check_blocks(self, event: RamBlockList) -> None:
         for name, size in event.blocks:
-            if name != self.ram.idstr:
+            block = self.ram if name == self.ram.idstr else self.extra.get(name)
+            if block is None:
                 raise ValueError(f'Unknown ramblock "{name}", cannot accept migration')
-            if size != self.ram.size:
-                raise ValueError(f"Size mismatch: {name}: 0x{size:x} != 0x{self.ram.size:x}: "
+            if size != block.size:
+                raise ValueError(f"Size mismatch: {name}: 0x{size:x} != 0x{block.size:x}: "
                                   "Invalid argument")
 
     def _page_numbers(self, block: str, offsets: np.ndarray) -> np.ndarray:

@@ -74,6 +74,7 @@ class SaveVMState:
 
     def __init__(self) -> None:
         self.handlers: list[SaveVMHandlers] = []
+        self.ids: list[int] = []            # the source's section id of each handler
         # What the header's configuration section carried (machine type, uuid),
         # for the VM description; None before qemu_savevm_state_header.
         self.configuration: tuple[str, bytes | None] | None = None
@@ -88,13 +89,20 @@ class SaveVMState:
         self.by_id: dict[int, SaveVMHandlers] = {}
 
     def register_savevm_live(self, handler: SaveVMHandlers) -> int:
-        """Add a handler; its section id is its position (QEMU's
-        register_savevm_live, in registration order)."""
+        """Add a handler; its section id is the handler's own (a QEMU machine's
+        sections keep QEMU's ids: a QEMU destination finds PART/END sections by
+        id among all of its handlers, whose unset ids are 0) or the next free one
+        (QEMU's register_savevm_live, in registration order)."""
+        sid = handler.section_id
+        if sid is None:
+            sid = max(self.ids, default=-1) + 1
         self.handlers.append(handler)
-        return len(self.handlers) - 1
+        self.ids.append(sid)
+        return sid
 
     def sections(self, *, iterable: bool) -> Iterator[tuple[int, SaveVMHandlers]]:
-        return ((sid, h) for sid, h in enumerate(self.handlers) if h.iterable is iterable)
+        return ((sid, h) for sid, h in zip(self.ids, self.handlers, strict=True)
+                if h.iterable is iterable)
 
     def find(self, idstr: str, instance_id: int) -> SaveVMHandlers | None:
         """QEMU's find_se()."""
@@ -106,6 +114,10 @@ class SaveVMState:
     def payload_kinds(self) -> dict[str, PayloadKind]:
         """How the decoder frames each section's payload."""
         return {h.idstr: h.payload_kind for h in self.handlers}
+
+    def vmstate_descriptions(self) -> dict[str, Any]:
+        """The VMState descriptions of the VMSTATE payloads, for the decoder."""
+        return {h.idstr: h.vmsd for h in self.handlers if h.payload_kind is PayloadKind.VMSTATE}
 
     def switchover_ack_needed(self) -> int:
         """How many handlers will approve switchover on the destination (both

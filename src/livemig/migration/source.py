@@ -15,7 +15,6 @@ state lives here, guarded by ``self._lock``; the QMP loop only calls
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -366,7 +365,10 @@ class MigrationState(AnnouncesStatus):
             for ch in channels:
                 ch.close()
             raise MigrationError(exc.desc) from None
-        return MultifdSender(channels, self.machine.ram, os.urandom(16), zero_copy=zero_copy)
+        # QEMU's multifd_send_initial_packet: the VM's -uuid (zeros without one), which a
+        # QEMU destination checks against its own.
+        return MultifdSender(channels, self.machine.ram, self.machine.uuid_bytes or bytes(16),
+                             zero_copy=zero_copy)
 
     # -- the iteration loop: the policy decides, this carries it out --------------------
     def _can_switchover(self) -> bool:

@@ -236,15 +236,19 @@ def register_vm_commands(reg: CommandRegistry, vm: VmProcess) -> None:
             f = open(args["filename"], "wb")
         except OSError as exc:
             raise QMPError(f"Could not open '{args['filename']}': {exc.strerror}") from None
-        ram, chunk = machine.ram, 1 << 20
+        regions, chunk = machine.physical_map(), 1 << 20
         with f:
             try:
                 while size:
                     n = min(size, chunk)
-                    if addr < ram.size:
-                        n = min(n, ram.size - addr)
-                        f.write(ram.view[addr:addr + n])
-                    else:
+                    for gpa, block, offset, length in regions:
+                        if gpa <= addr < gpa + length:
+                            n = min(n, gpa + length - addr)
+                            lo = offset + addr - gpa
+                            f.write(block.view[lo:lo + n])
+                            break
+                    else:           # no memory here: zeros up to the next region
+                        n = min([n, *(gpa - addr for gpa, _, _, _ in regions if gpa > addr)])
                         f.write(bytes(n))
                     addr, size = (addr + n) & (2**64 - 1), size - n
             except OSError:
