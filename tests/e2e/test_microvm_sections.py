@@ -283,3 +283,51 @@ def test_livemigs_stream_decoder_reads_the_whole_qemu_stream(streams, kind):
                 break
     assert seen_vmdesc
     assert got == _section_values(data)
+
+
+# What differs between two fresh (-S) microvms by nature: the clocks and the TSC
+# (QEMU's virtual clock and TSC stand still before the first run, livemig's run
+# from the machine's creation), and EDX at reset: the vCPU's CPUID signature
+# (QEMU's qemu64 0x60fb1, livemig's KVM vCPU KVM's reset value).
+FRESH_DIFFER = {("timer", 0): {"cpu_clock_offset", "cpu_ticks_offset"},
+                ("apic", 0): {"initial_count_load_time"}, ("kvmclock", 0): {"clock"},
+                ("cpu", 0): {"env.tsc"}}
+
+
+def test_a_fresh_livemig_microvm_sends_what_a_fresh_qemu_microvm_sends(tmp_path):
+    """livemig's ``-M microvm`` at reset (``-S``, migrated to ``file:``) writes
+    the sections QEMU 10.0.2 writes for the same machine at reset: the same
+    list, ids and versions, and the same values field by field but for what
+    runs (FRESH_DIFFER) and EDX; so the held devices start as QEMU's do."""
+    image = tmp_path / "bios.bin"
+    image.write_bytes(walk_bios_image(1 * MIB, 16 * MIB, tick_pages=256))
+
+    async def stream(engine: str) -> bytes:
+        vm = await Vm.start(VmSpec(engine=engine, machine="microvm", name=engine, ram=RAM,
+                                   accel="kvm", boot_image=str(image), paused=True,
+                                   walk_end="16M"), str(tmp_path))
+        out = tmp_path / f"{engine}.mig"
+        try:
+            await vm.cmd("migrate", uri=f"file:{out}")
+            info = await vm.wait_status(timeout=60)
+            assert info["status"] == "completed", info
+        finally:
+            await vm.close()
+        return out.read_bytes()
+
+    qemu, livemig = run(stream("qemu")), run(stream("livemig"))
+    ids = {(s["name"], s["instance_id"]): (s["section_id"], s["version"])
+           for s in analyze_stream(qemu)["sections"]}
+    assert {(s["name"], s["instance_id"]): (s["section_id"], s["version"])
+            for s in analyze_stream(livemig)["sections"]} == ids
+    q, lm = _section_values(qemu), _section_values(livemig)
+    assert q.keys() == lm.keys()
+    for key in q:
+        a, b = dict(q[key]), dict(lm[key])
+        for name in FRESH_DIFFER.get(key, ()):
+            del a[name], b[name]
+        if key == ("cpu", 0):
+            assert a["env.regs"][2] == 0x60FB1 and b["env.regs"][2] == 0x600
+            for v in (a, b):
+                v["env.regs"] = v["env.regs"][:2] + v["env.regs"][3:]
+        assert a == b, key

@@ -167,8 +167,8 @@ def test_the_mtrr_masks_carry_qemus_top_bits():
         msrs=dict.fromkeys(section_msrs(), 0), mp_state=0, tsc_khz=1, xsave_offsets={},
         phys_bits=PHYS_BITS))
     values = cpu_values(blank, reset_template())
-    top = ((1 << 52) - 1) & ~((1 << PHYS_BITS) - 1)
-    assert {v["mask"] for v in values["env.mtrr_var"]} == {top}
+    # QEMU 10.0.2's stream here: bits 48..51 set in a cleared mask
+    assert {v["mask"] for v in values["env.mtrr_var"]} == {0xF000000000000}
     assert values["env.mtrr_fixed"] == [0] * len(MTRR_FIXED)
     assert load_kvm_state(values, blank).msrs[MTRR_VAR_BASE + 1] == 0
 

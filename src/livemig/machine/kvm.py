@@ -755,6 +755,10 @@ class KvmAccelerator:
         fcntl.ioctl(self._vm_fd, abi.KVM_GET_CLOCK, data)
         return data
 
+    def clock_reliable(self) -> bool:
+        """QEMU's kvm_has_adjust_clock_stable: KVM_CAP_ADJUST_CLOCK reports TSC_STABLE."""
+        return bool(self._check_extension(abi.KVM_CAP_ADJUST_CLOCK) & abi.KVM_CLOCK_TSC_STABLE)
+
     def set_clock(self, clock_ns: int) -> None:
         fcntl.ioctl(self._vm_fd, abi.KVM_SET_CLOCK, abi.kvm_clock_data(clock=clock_ns))
 

@@ -54,9 +54,10 @@ _HF_COMPUTED = (HF_CPL_MASK | 1 << HF_PE_SHIFT | HF_MP_EM_TS | HF_TF_MASK | HF_V
 HF2_GIF_MASK, HF2_NMI_MASK = 1 << 0, 1 << 2
 CR0_PE, CR4_OSFXSR, EFER_LMA, EFLAGS_VM = 1, 1 << 9, 1 << 10, 1 << 17
 CR4_OSXSAVE, HF_AVX_EN_MASK, XSTATE_SSE_YMM = 1 << 18, 1 << 28, 0b110
-# QEMU's default CPU (qemu64) has 40 physical address bits: the variable MTRR
-# masks it migrates carry the bits above them set (kvm_get_msrs' mtrr_top_bits).
-QEMU_PHYS_BITS = 40
+# The physical address bits QEMU 10.0.2's default CPU reports under KVM here: the
+# variable MTRR masks it migrates carry the bits above them, up to 52, set
+# (kvm_get_msrs' mtrr_top_bits; seen in its streams: 0xf000000000000).
+QEMU_PHYS_BITS = 48
 
 # XSAVE: the legacy region's layout, the header's XSTATE_BV, the components.
 _LEGACY = struct.Struct("<HHBxHQQI")      # FCW FSW FTW(abridged) FOP FIP FDP MXCSR
@@ -180,11 +181,22 @@ def update_hflags(hflags: int, v: Values) -> int:
 
 
 # -- KVM -> QEMU -----------------------------------------------------------------------
+# QEMU 10.0.2's machine-check state after reset for its default CPU (from its
+# streams): MCG_CAP (10 banks, MCG_CTL_P, MCG_SER_P), MCG_CTL and each bank's CTL all
+# ones. livemig's vCPU has no MCE banks set up: the values are held, not modelled.
+QEMU_MCG_CAP = 0x100010A
+ALL_ONES = 2**64 - 1
+
+
 def reset_template() -> Values:
     """QEMU's values for what KVM does not hold, as its x86 CPU reset leaves them
-    (x86_cpu_reset_hold): A20 on, SMBASE 0x30000, GIF set; the rest zero."""
+    (x86_cpu_reset_hold, checked against QEMU 10.0.2's stream of a -S microvm):
+    A20 on, SMBASE 0x30000, hflags2 GIF and VGIF, the MCE state; the rest zero."""
     values = default_values(CPU)
-    values.update({"env.a20_mask": -1, "env.smbase": 0x30000, "env.hflags2": HF2_GIF_MASK})
+    values.update({"env.a20_mask": -1, "env.smbase": 0x30000,
+                   "env.hflags2": HF2_GIF_MASK | 1 << 8, "env.mcg_cap": QEMU_MCG_CAP,
+                   "env.mcg_ctl": ALL_ONES,
+                   "env.mce_banks": [ALL_ONES if i % 4 == 0 else 0 for i in range(40)]})
     return values
 
 

@@ -135,8 +135,8 @@ def reset_values(serial: bool, ioapic2: bool) -> dict[tuple[str, int], Values]:
     out[("timer", 0)] = {"cpu_ticks_offset": 0, "cpu_clock_offset": 0}
     fw = default_values(MICROVM_SECTIONS["fw_cfg"])
     fw["fw_cfg/dma"] = {"dma_addr": 0}
-    fw["fw_cfg/acpi_mr"] = {"table_mr_size": ROM_BLOCKS[0][1], "linker_mr_size": ROM_BLOCKS[1][1],
-                            "rsdp_mr_size": ROM_BLOCKS[2][1]}
+    # the sizes of QEMU's ACPI blobs in those blocks (its -S microvm stream)
+    fw["fw_cfg/acpi_mr"] = {"table_mr_size": 699, "linker_mr_size": 1664, "rsdp_mr_size": 36}
     out[("fw_cfg", 0)] = fw
     out[("kvm-tpr-opt", 0)] = default_values(MICROVM_SECTIONS["kvm-tpr-opt"])
     if ioapic2:
@@ -209,7 +209,11 @@ class MicrovmState:
         apic = apic_values(a.get_lapic(), a.apic_base(), now, next_time=self.apic_next_time)
         out[("apic", 0)] = apic
         out[("ioapic", 0)] = ioapic_values(a.get_ioapic())
-        out[("kvmclock", 0)] = kvmclock_values(a.get_clock())
+        clock = kvmclock_values(a.get_clock())
+        # QEMU's clock_is_reliable is KVM's capability (KVM_CAP_ADJUST_CLOCK has
+        # KVM_CLOCK_TSC_STABLE), not the flags of one reading.
+        clock["kvmclock/clock_is_reliable"] = {"clock_is_reliable": a.clock_reliable()}
+        out[("kvmclock", 0)] = clock
         return out
 
     # -- load --------------------------------------------------------------------------
