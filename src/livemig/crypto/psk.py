@@ -7,15 +7,18 @@ installs OpenSSL's own ``SSL_CTX_set_psk_client_callback`` /
 uses these callbacks for TLS 1.3 external PSKs too (SHA-256 binders,
 ``TLS_AES_128_GCM_SHA256``: what GnuTLS's PSK credentials use by default),
 so the session callbacks are not needed. Why ctypes into ``_ssl``'s libssl and
-not a second TLS stack (pyOpenSSL is not installed, and has no PSK either):
-every other part of livemig's TLS (``TlsChannel``, its lock, the handshake
-and error texts) stays ``ssl.SSLSocket``.
+not a second TLS stack: pyOpenSSL is not installed, has no PSK API of its own
+(a third-party add-on patches one in), and would bring the OpenSSL copy
+bundled in ``cryptography``'s wheel next to the system's; here every other
+part of livemig's TLS (``TlsChannel``, its lock, the handshake and error
+texts) stays one ``ssl.SSLSocket`` on one OpenSSL.
 
 Finding the ``SSL_CTX *`` is the one layout fact this relies on: CPython's
-``PySSLContext`` starts with ``PyObject_HEAD`` then ``SSL_CTX *ctx`` (every
-release from 3.7 to 3.13). :func:`ssl_ctx_pointer` reads that word and
-proves it before any callback is installed, failing closed
-(:class:`PskUnavailable`, a clear text) when anything is not as expected:
+``PySSLContext`` starts with ``PyObject_HEAD`` then ``SSL_CTX *ctx``
+(``Modules/_ssl.c``; long-standing, yet never assumed). :func:`ssl_ctx_pointer`
+reads that word and proves it before any callback is installed, failing
+closed (:class:`PskUnavailable`, a clear text) when anything is not as
+expected:
 
 * the libssl is the one already mapped into this process (``RTLD_NOLOAD``
   on the path ``/proc/self/maps`` names) and its ``OpenSSL_version_num``
@@ -155,8 +158,8 @@ def ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
         raise PskUnavailable("unexpected _ssl._SSLContext layout")
     pointer = ctypes.c_void_p.from_address(id(ctx) + head).value
     if not pointer or pointer % word or not _readable(pointer, 64):
-        raise PskUnavailable("the SSLContext's SSL_CTX pointer is not where CPython "
-                             "3.7-3.13 keep it")
+        raise PskUnavailable("the SSLContext's SSL_CTX pointer is not where CPython's "
+                             "_ssl keeps it")
     lib = libssl()
     expected = {ssl.PROTOCOL_TLS_SERVER: lib.TLS_server_method(),
                 ssl.PROTOCOL_TLS_CLIENT: lib.TLS_client_method()}.get(ctx.protocol)
