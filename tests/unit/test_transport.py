@@ -39,7 +39,7 @@ from livemig.transport import (
     parse_uri,
     resolve_migrate_args,
 )
-from livemig.transport.channel import IOVEC, SOCKET_BUFFER_BYTES
+from livemig.transport.channel import IOVEC, SOCKET_BUFFER_BYTES, FdChannel, SocketChannel
 
 DEADLINE_S = 10.0  # how long a woken thread may take to notice (generous for slow CI)
 
@@ -1016,3 +1016,29 @@ def test_recv_into_a_numpy_page_array() -> None:
         b.read_exact_into(target[1:3])  # straight into the "guest RAM"
         assert np.array_equal(target[1:3], pages)
         assert not target[0].any() and not target[3].any()
+
+
+def test_limit_queue_shrinks_a_sockets_buffers_and_ignores_a_pipe():
+    """Postcopy's short queue: SO_SNDBUF / SO_RCVBUF as asked (the kernel
+    doubles them); a channel that is no socket is left alone."""
+    a, b = SocketChannel.socketpair()
+    try:
+        a.limit_queue(send=64 << 10)
+        b.limit_queue(recv=32 << 10)
+        assert a.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * (64 << 10)
+        assert b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * (32 << 10)
+        a.sendall(b"still a channel")
+        buf = bytearray(15)
+        assert b.read_exact_into(buf) == 15 and bytes(buf) == b"still a channel"
+    finally:
+        a.close()
+        b.close()
+    r, w = os.pipe()
+    pipe = FdChannel(w, kind="pipe")
+    try:
+        pipe.limit_queue(send=64 << 10)
+        pipe.sendall(b"x")
+        assert os.read(r, 1) == b"x"
+    finally:
+        pipe.close()
+        os.close(r)

@@ -25,7 +25,7 @@ from livemig.migration import savevm, tls
 from livemig.migration.errors import LoadError, MigrationError
 from livemig.migration.global_state import GlobalStateHandler
 from livemig.migration.multifd import MultifdReceiver
-from livemig.migration.postcopy import PostcopyIncoming
+from livemig.migration.postcopy import POSTCOPY_QUEUE_BYTES, PostcopyIncoming
 from livemig.migration.ram import RamDirectLoad, RamLoadHandler
 from livemig.migration.return_path import DestinationReturnPath
 from livemig.migration.status import AnnouncesStatus, StatusMachine
@@ -501,6 +501,7 @@ class IncomingState(AnnouncesStatus):
             listener.close()
             self._recover_listener = None
         self._set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)   # QEMU's destination: no setup state
+        self.channel.limit_queue(recv=POSTCOPY_QUEUE_BYTES)
         self.rp = DestinationReturnPath(self.channel.return_path())
         dec.resume()
 

@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from collections import deque
@@ -74,6 +75,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("livemig.migration")
 _MADV_NOHUGEPAGE = 15
+# Kernel buffer per end of the main channel once postcopy runs (SO_SNDBUF at the
+# source, SO_RCVBUF at the destination; the kernel doubles it). A requested page
+# is read only after every background byte queued ahead of it: with the 4 MiB
+# that tune_socket asks for on each end, up to ~16 MiB, hundreds of ms at the
+# rate the destination places pages. QEMU's destination drains that fast; ours
+# keeps the queue short instead.
+POSTCOPY_QUEUE_BYTES = 128 << 10
+# The destination's GIL switch interval while it listens (Python's default: 5 ms).
+# A faulting vCPU waits for the fault thread, and that thread for the GIL while
+# the load thread runs Python: up to a whole interval for each request.
+POSTCOPY_SWITCH_INTERVAL_S = 0.0005
 
 # -- source -------------------------------------------------------------------------------
 
@@ -235,6 +247,8 @@ def postcopy_start(ms: MigrationState) -> None:
     savevm.qemu_savevm_send_ping(f, 4)
     ram.requests = ms.postcopy          # from here faulted pages jump the queue
     f.flush()
+    assert ms.channel is not None
+    ms.channel.limit_queue(send=POSTCOPY_QUEUE_BYTES)
 
 
 def postcopy_run_to_end(ms: MigrationState) -> None:
@@ -301,6 +315,7 @@ def _postcopy_resume(ms: MigrationState, address: Any) -> None:
     ms.channel = channel
     if not channel.supports_return_path:
         raise MigrationError("Unable to open return-path for postcopy")
+    channel.limit_queue(send=POSTCOPY_QUEUE_BYTES)
     f = ms.file = QEMUFile(channel)
     f.set_rate_limit(int(ms.params.get("max-postcopy-bandwidth")))
     ms.rp = SourceReturnPath(channel.return_path(), ms.on_switchover_ack,
@@ -395,6 +410,7 @@ class PostcopyIncoming:
         self.faults = 0
         self.requests = 0
         self.listening = False
+        self._switch_interval: float | None = None    # the process's, while listening
 
     # -- commands (load thread) ------------------------------------------------------------
     def advise(self, advise: PostcopyAdvise) -> None:
@@ -442,6 +458,10 @@ class PostcopyIncoming:
             self.close()
             raise LoadError(f"postcopy_ram_incoming_setup: {exc}") from None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.inc.channel is not None:
+            self.inc.channel.limit_queue(recv=POSTCOPY_QUEUE_BYTES)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, POSTCOPY_SWITCH_INTERVAL_S))
         self.ram.postcopy_armed = True
         self.listening = True
         self._thread = threading.Thread(target=self._fault_thread, name="postcopy/fault",
@@ -584,6 +604,9 @@ class PostcopyIncoming:
     def close(self) -> None:
         """Stop the fault thread, unregister and close the userfaultfd (every path)."""
         self.ram.postcopy_armed = False
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
         if self._thread is not None:

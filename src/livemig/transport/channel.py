@@ -401,6 +401,31 @@ class Channel:
         """A second Channel on the same stream, for a thread reading while another writes."""
         raise TransportError(f"A {self.kind} migration channel has no return path")
 
+    def limit_queue(self, *, send: int | None = None, recv: int | None = None) -> None:
+        """Shrink the kernel's send and/or receive buffer of this channel's
+        socket (SO_SNDBUF, SO_RCVBUF; the kernel doubles the value). Postcopy's
+        page requests wait behind every byte queued on the way, so it keeps
+        that queue short. Not a socket (file, pipe): nothing to do."""
+        try:
+            fd = self.fileno()  # type: ignore[attr-defined]
+        except (AttributeError, OSError, ValueError):
+            return
+        if fd < 0:
+            return
+        dup = os.dup(fd)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:                   # ENOTSOCK
+            os.close(dup)
+            return
+        try:
+            for opt, size in ((socket.SO_SNDBUF, send), (socket.SO_RCVBUF, recv)):
+                if size is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        finally:
+            sock.close()
+
     def set_timeout(self, seconds: float | None) -> None:
         """Fail reads/writes that block longer than ``seconds`` (None: block forever)."""
         raise NotImplementedError
