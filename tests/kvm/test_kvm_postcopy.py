@@ -41,9 +41,10 @@ def test_kvm_guest_postcopy(tmp_path, paused_dst):
     async def main():
         src = await Vm.start(VmSpec(name="src", ram=RAM, accel="kvm", walk_end=WALK_END),
                              str(tmp_path))
-        dst = await Vm.start(VmSpec(name="dst", ram=RAM, accel="kvm", walk_end=WALK_END,
-                                    incoming="defer", paused=paused_dst), str(tmp_path))
+        dst = None
         try:
+            dst = await Vm.start(VmSpec(name="dst", ram=RAM, accel="kvm", walk_end=WALK_END,
+                                        incoming="defer", paused=paused_dst), str(tmp_path))
             for vm in (src, dst):
                 await vm.set_caps(events=True, **{"postcopy-ram": True})
             # Background pages slowed so the running guest surely faults.
@@ -71,8 +72,9 @@ def test_kvm_guest_postcopy(tmp_path, paused_dst):
                 await dst.cmd("stop")
             assert check_walk_pattern(walk_first_bytes(await dst.pmem(0, 128 * MIB))) == []
         finally:
-            await src.close()
-            await dst.close()
+            await src.close()       # also when the destination did not start
+            if dst is not None:
+                await dst.close()
     asyncio.run(main())
 
 
@@ -89,9 +91,10 @@ def test_kvm_pages_first_sent_in_postcopy_carry_their_data(tmp_path):
     async def main():
         src = await Vm.start(VmSpec(name="src", ram=RAM, accel="kvm", walk_end=WALK_END,
                                     walk_tick=8192, paused=True), str(tmp_path))
-        dst = await Vm.start(VmSpec(name="dst", ram=RAM, accel="kvm", walk_end=WALK_END,
-                                    incoming="defer", paused=True), str(tmp_path))
+        dst = None
         try:
+            dst = await Vm.start(VmSpec(name="dst", ram=RAM, accel="kvm", walk_end=WALK_END,
+                                        incoming="defer", paused=True), str(tmp_path))
             for vm in (src, dst):
                 await vm.set_caps(events=True, **{"postcopy-ram": True})
             await src.set_params(max_bandwidth=10, **{"max-postcopy-bandwidth": 0})
@@ -115,6 +118,7 @@ def test_kvm_pages_first_sent_in_postcopy_carry_their_data(tmp_path):
             # The walk's pages went in postcopy (precopy sent a few hundred at most).
             assert info["ram"]["postcopy-bytes"] >= 7000 * 4096
         finally:
-            await src.close()
-            await dst.close()
+            await src.close()       # also when the destination did not start
+            if dst is not None:
+                await dst.close()
     asyncio.run(main())
