@@ -220,17 +220,26 @@ def test_cancel_while_blocked_in_a_write_reports_no_cause(caps):
     that stopped reading: the failed send is the cancel itself, so the source
     ends 'cancelled' with no error-desc (seen in a bench run as a cancelled
     migration showing "Channel error: Input/output error")."""
+    import os
     import select
     src, _dst, out, _inc, src_ev, _ = make_pair(caps)
     a, b = Channel.socketpair()
-    src.vm_start()
-    wait(lambda: src.cpu.phase == 2)
-    out.migrate(a)
-    # Nobody reads b: once a is not writable the sender is blocked in a send.
-    wait(lambda: not select.select([], [a.fileno()], [], 0)[1])
-    out.cancel()
-    wait(out.sm.is_done)
-    assert out.sm.status is S.CANCELLED
-    assert out.snapshot().error_desc is None
-    assert src.runstate is RunState.RUNNING
-    b.close()
+    probe = os.dup(a.fileno())      # the same socket, never closed by the engine
+    try:
+        # 16 MiB the walk never touches, not zero: far more than the socket buffers
+        # hold, however few pages a slow soft vCPU has walked.
+        src.ram.bytes[32 * MIB:48 * MIB] = 0x5A
+        src.vm_start()
+        wait(lambda: src.cpu.phase == 2)
+        out.migrate(a)
+        # Nobody reads b: once a is not writable the sender is blocked in a send.
+        wait(lambda: out.sm.is_done() or not select.select([], [probe], [], 0)[1])
+        assert not out.sm.is_done(), (out.sm.status, out.snapshot().error_desc)
+        out.cancel()
+        wait(out.sm.is_done)
+        assert out.sm.status is S.CANCELLED
+        assert out.snapshot().error_desc is None
+        assert src.runstate is RunState.RUNNING
+    finally:
+        os.close(probe)
+        b.close()
