@@ -129,7 +129,10 @@ def test_a_device_preparing_past_the_limit_is_not_switched_into(vms):
         info = await wait_completed(src, timeout=30)
         assert info["status"] == "failed"
         desc = info["error-desc"]
-        assert re.search(r"the destination needs 4\d\d ms", desc), desc   # 400 + the RP trip
+        # 400 ms of preparation plus the return path's round trip (which a loaded
+        # machine stretches: 646 ms was seen once).
+        needs = re.search(r"the destination needs (\d+) ms", desc)
+        assert needs and int(needs.group(1)) >= 400, desc
         assert "more than downtime-limit 300 ms" in desc, desc
         assert "switchover-ack" in desc
         assert await runstate(src) == "running"

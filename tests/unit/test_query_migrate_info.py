@@ -81,9 +81,11 @@ def test_completed_shows_the_prediction_it_switched_on_beside_the_measurement():
     x = info["x-downtime-estimate"]
     # 50 kB at the slower of link (1000 B/ms) and load (500 B/ms): 100 ms, + 203 fixed.
     assert x["ram-ms"] == 100 and x["total-ms"] == 303 and x["device-load-ms"] == 200
-    assert x["measured"] == {"total-ms": 300, "destination-device-load-ms": 205,
+    assert x["pending-bytes"] == 50_000
+    assert x["measured"] == {"total-ms": 300, "ram-bytes": 40960,
+                             "destination-device-load-ms": 205,
                              "destination-post-load-ms": 1,
                              "destination-last-byte-to-running-ms": 2}
     # A QEMU destination measures nothing for us: the downtime alone.
     info = query_migrate_info(snap(S.COMPLETED, times=times, stats=stats))
-    assert info["x-downtime-estimate"]["measured"] == {"total-ms": 300}
+    assert info["x-downtime-estimate"]["measured"] == {"total-ms": 300, "ram-bytes": 40960}

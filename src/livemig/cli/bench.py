@@ -116,6 +116,8 @@ class Result:
     pace_cycles: int = 0
     max_throttle: int = 0                    # auto-converge's highest cpu-throttle-percentage
     predicted_ms: int | None = None          # livemig: the prediction it switched over on
+    downtime_bytes: int = 0                  # RAM sent with the guest stopped (both engines)
+    pending_bytes: int | None = None         # livemig: the RAM the prediction priced
     dest_measured_ms: int | None = None      # livemig: the destination's measured part
     postcopy_requests: int | None = None     # postcopy: pages the destination asked for
     blocktime_ms: int | None = None          # postcopy: the destination's postcopy-blocktime
@@ -299,6 +301,7 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
         result.total_ms = total
         result.downtime_ms = int(info.get("downtime", 0))
         result.transferred = int(ram_info.get("transferred", 0))
+        result.downtime_bytes = int(ram_info.get("downtime-bytes", 0))
         result.mbps = float(ram_info.get("mbps", 0))
         result.throughput_mb_s = result.transferred / 1e3 / total if total else 0.0
         result.src_peak_rss_kib = src.peak_rss_kib() or 0
@@ -308,6 +311,7 @@ async def one_run(engine: str, scenario: str, rep: int, workdir: str, image: str
         result.estimate, result.checkpoints = est, info.get("x-downtime-checkpoints")
         if est and not sc.postcopy_after_syncs:     # a precopy prediction: not postcopy's
             result.predicted_ms = int(est["total-ms"])
+            result.pending_bytes = est.get("pending-bytes")
             m = est.get("measured", {})
             parts = [v for k, v in m.items() if k.startswith("destination-") and
                      k != "destination-last-byte-to-running-ms"]

@@ -114,8 +114,13 @@ def _estimate_info(s: SourceSnapshot, done: bool) -> dict[str, Any]:
     if not done:
         conv = s.stats.convergence
         return est.parts(s.ram.remaining if conv.state == "first-pass" else conv.remaining)
-    out: dict[str, Any] = est.parts(s.stats.pending_at_switchover or 0)
-    measured: dict[str, Any] = {"total-ms": s.stats.downtime_ms}
+    pending = s.stats.pending_at_switchover or 0
+    out: dict[str, Any] = est.parts(pending)
+    # The RAM it priced beside the RAM the stopped guest really sent (the final
+    # sync adds what was dirtied since the last): which of the two was off.
+    out["pending-bytes"] = pending
+    measured: dict[str, Any] = {"total-ms": s.stats.downtime_ms,
+                                "ram-bytes": s.ram.downtime_pages * PAGE_SIZE}
     for key in ("device-load-ms", "post-load-ms", "last-byte-to-running-ms"):
         value = s.dest_costs.get(f"measured-{key}")
         if value is not None:
