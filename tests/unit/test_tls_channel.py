@@ -19,7 +19,7 @@ from livemig.migration.tls import peer_name, tls_client, tls_server
 from livemig.qom.object import ObjectRoot, visit_object_options
 from livemig.transport import TransportError
 from livemig.transport.channel import IOVEC, SocketChannel
-from livemig.transport.tls import gather_iovec
+from livemig.transport.tls import gather_iovec, iovec_chunks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tls_certs
 from tls_certs import CLIENT_DN, make_pki  # noqa: E402
@@ -44,6 +44,19 @@ def test_gather_iovec_is_the_concatenation(entries):
         parts.append(buf[offset:offset + length])
     expected = np.concatenate(parts) if parts else np.empty(0, np.uint8)
     assert np.array_equal(gather_iovec(iov), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5000), max_size=40), st.integers(1, 9000))
+def test_iovec_chunks_cut_in_order_within_the_limit(lengths, limit):
+    iov = np.zeros(len(lengths), IOVEC)
+    iov["base"] = np.arange(len(lengths), dtype=np.uint64)
+    iov["len"] = lengths
+    parts = iovec_chunks(iov, limit)
+    assert np.array_equal(np.concatenate(parts) if parts else iov[:0], iov)
+    for part in parts:
+        assert part.size >= 1
+        assert int(part["len"].sum()) <= limit or part.size == 1
 
 
 def test_peer_name_is_qemus_gnutls_spelling():

@@ -90,6 +90,25 @@ def gather_iovec(iov: np.ndarray) -> np.ndarray:
     return out
 
 
+# TLS cannot scatter-gather, so page batches are copied into one buffer before
+# SSL_write. Copied and encrypted 4 MiB at a time (into a buffer kept per channel)
+# the bytes stay in cache; the stop-and-copy's 16 MiB batches gathered whole ran at
+# 147-335 MB/s against 418-427 in 4 MiB pieces (512M-100M-tls, 2026-12-02).
+GATHER_CHUNK_BYTES = 4 << 20
+
+
+def iovec_chunks(iov: np.ndarray, limit: int) -> list[np.ndarray]:
+    """``iov`` cut into consecutive slices of at most ``limit`` bytes each (an
+    entry longer than ``limit`` is a slice of its own)."""
+    ends = np.cumsum(iov["len"].astype(np.int64))
+    out, start, done = [], 0, 0
+    while start < iov.size:
+        end = max(start + 1, int(np.searchsorted(ends, done + limit, side="right")))
+        out.append(iov[start:end])
+        done, start = int(ends[end - 1]), end
+    return out
+
+
 def scatter_iovec(iov: np.ndarray, data: np.ndarray) -> None:
     """``data`` (the concatenation) written into the buffers ``iov`` describes."""
     _copy_iovec(iov, data, to_flat=False)
@@ -138,6 +157,7 @@ class TlsChannel(Channel):
         self._owner = _stream is None
         self._s = _stream if _stream is not None else _TlsStream(ssock)
         self.sock = self._s.ssl
+        self._gather_buf = np.empty(0, np.uint8)      # send_iovec's, reused
 
     @property
     def ssl_object(self) -> ssl.SSLSocket:
@@ -190,7 +210,13 @@ class TlsChannel(Channel):
     def send_iovec(self, iov: np.ndarray, *, zero_copy: bool = False, keep: Any = None) -> None:
         if zero_copy:              # QEMU refuses zero-copy-send with TLS before this
             super().send_iovec(iov, zero_copy=True, keep=keep)
-        self.sendall(gather_iovec(iov))
+        for part in iovec_chunks(iov, GATHER_CHUNK_BYTES):
+            n = int(part["len"].sum())
+            if self._gather_buf.size < n:
+                self._gather_buf = np.empty(n, np.uint8)
+            flat = self._gather_buf[:n]
+            _copy_iovec(part, flat, to_flat=True)
+            self.sendall(flat)
 
     def recv_iovec(self, iov: np.ndarray, *, total: int | None = None) -> int:
         """Decrypt into one buffer, then scatter it where ``iov`` points (guest RAM)."""
