@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from livemig.machine.ram import RamBlock
 from livemig.migration.multifd import MultifdReceiver, MultifdSender
 from livemig.migration.ram import BATCH_PAGES
-from livemig.transport import Channel, SocketChannel, tune_socket
+from livemig.transport import Channel
 from livemig.wire import MULTIFD_INIT_SIZE
 
 
@@ -62,22 +61,10 @@ def receiver(chans, ram_bytes: int, out_fd: int) -> None:
                                  "digest": digest, "syncs": syncs}).encode())
 
 
-def tcp_pair() -> tuple[SocketChannel, SocketChannel]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
-        tune_socket(lst)
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tune_socket(s)
-        s.connect(lst.getsockname())
-        d, _ = lst.accept()
-    return SocketChannel(s), SocketChannel(d)
-
-
 def main(a: argparse.Namespace) -> None:
     size = a.ram_mib << 20
     tcp = a.tcp or a.zero_copy
-    pairs = [tcp_pair() if tcp else Channel.socketpair() for _ in range(a.channels)]
+    pairs = [Channel.tcp_pair() if tcp else Channel.socketpair() for _ in range(a.channels)]
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -20,22 +20,15 @@ from e2e_helpers import wait_migration_status
 
 from livemig.cli.bench import walk_image
 from livemig.cli.driver import QEMU_BINARY, Vm, VmSpec, qemu_available
-from livemig.transport.zerocopy import FEATURE_NOT_DETECTED, SO_ZEROCOPY
+from livemig.transport.channel import tcp_zero_copy_available
+from livemig.transport.zerocopy import FEATURE_NOT_DETECTED
 
 CAPS = {"events": True, "multifd": True}
 
 
-def _tcp_zero_copy() -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(not _tcp_zero_copy(), reason="this kernel offers no SO_ZEROCOPY on TCP")
+@pytest.mark.skipif(not tcp_zero_copy_available(),
+                    reason="this kernel offers no SO_ZEROCOPY on TCP")
 def test_zero_copy_send_migrates_byte_exact(vms):
     async def body():
         src, dst = await start_pair(vms, src_caps=CAPS, paced=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,33 +17,12 @@ import pytest
 
 from livemig.machine.ram import RamBlock
 from livemig.migration.multifd import MultifdReceiver, MultifdSender
-from livemig.transport import SocketChannel, TransportError, tune_socket
-from livemig.transport.channel import IOVEC
-from livemig.transport.zerocopy import CANNOT_LOCK, FEATURE_NOT_AVAILABLE, SO_ZEROCOPY
+from livemig.transport import Channel, SocketChannel, TransportError
+from livemig.transport.channel import IOVEC, tcp_zero_copy_available
+from livemig.transport.zerocopy import CANNOT_LOCK, FEATURE_NOT_AVAILABLE
 from livemig.wire import MULTIFD_INIT_SIZE
 
-
-def tcp_pair() -> tuple[SocketChannel, SocketChannel]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tune_socket(a)
-        a.connect(lst.getsockname())
-        b, _ = lst.accept()
-    return SocketChannel(a), SocketChannel(b)
-
-
-def _tcp_zero_copy() -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
-        except OSError:
-            return False
-    return True
-
-
-needs_zero_copy = pytest.mark.skipif(not _tcp_zero_copy(),
+needs_zero_copy = pytest.mark.skipif(not tcp_zero_copy_available(),
                                      reason="this kernel offers no SO_ZEROCOPY on TCP")
 
 
@@ -64,7 +42,7 @@ def _drain(ch: SocketChannel, nbytes: int, out: list[bytes]) -> None:
 @needs_zero_copy
 @pytest.mark.timeout(30)
 def test_zero_copy_sends_arrive_whole_and_complete() -> None:
-    a, b = tcp_pair()
+    a, b = Channel.tcp_pair()
     try:
         assert a.enable_zero_copy()
         rng = np.random.default_rng(5)
@@ -116,10 +94,10 @@ _NO_LOCKED_MEMORY = textwrap.dedent("""
     import resource, sys
     import numpy as np
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
-    from test_zero_copy_socket import tcp_pair, _iovec
-    from livemig.transport import TransportError
+    from test_zero_copy_socket import _iovec
+    from livemig.transport import Channel, TransportError
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
-    a, b = tcp_pair()
+    a, b = Channel.tcp_pair()
     assert a.enable_zero_copy()
     try:
         a.send_iovec(_iovec([np.ones(1 << 20, dtype=np.uint8)]), zero_copy=True)
@@ -156,7 +134,7 @@ def test_multifd_with_zero_copy_is_byte_exact_and_counts_missed_syncs() -> None:
     as missed (the kernel copies on loopback), the held headers let go."""
     npages = 2048
     src, dst = RamBlock("pc.ram", npages * 4096), RamBlock("pc.ram", npages * 4096)
-    pairs = [tcp_pair() for _ in range(2)]
+    pairs = [Channel.tcp_pair() for _ in range(2)]
     try:
         rng = np.random.default_rng(11)
         src.pages[:] = rng.integers(0, 256, (npages, 4096), dtype=np.uint8)

@@ -474,6 +474,30 @@ class Channel:
         tune_socket(b)
         return SocketChannel(a), SocketChannel(b)
 
+    @classmethod
+    def tcp_pair(cls) -> tuple[SocketChannel, SocketChannel]:
+        """Two connected loopback TCP channels in one process (for benches and
+        tests of what UNIX sockets lack, e.g. ``MSG_ZEROCOPY``)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
+            tune_socket(lst)                   # the accepted socket inherits it
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tune_socket(a)
+            a.connect(lst.getsockname())
+            b, _ = lst.accept()
+        return SocketChannel(a), SocketChannel(b)
+
+
+def tcp_zero_copy_available() -> bool:
+    """Whether this kernel takes ``SO_ZEROCOPY`` on a TCP socket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, zc.SO_ZEROCOPY, 1)
+        except OSError:
+            return False
+    return True
+
 
 class SocketChannel(Channel):
     """A connected stream socket (TCP or UNIX). Carries a return path."""
@@ -611,17 +635,9 @@ class SocketChannel(Channel):
         if fd < 0:
             return 0
         msg = _MsgHdr(None, 0, iov.ctypes.data, iov.size, None, 0, 0)
-        while True:
-            n = _libc.recvmsg(fd, ctypes.byref(msg), _MSG_WAITALL)
-            if n >= 0:
-                return int(n)
-            code = ctypes.get_errno()
-            if code == errno.EINTR:
-                continue
-            if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-                self._wait_readable()
-                continue
-            raise OSError(code, os.strerror(code))
+        return _iov_syscall(lambda f, _base, _count: _libc.recvmsg(f, ctypes.byref(msg),
+                                                                  _MSG_WAITALL),
+                            iov, lambda: fd, self._wait_readable)
 
     def _wait_readable(self) -> None:
         self._wait_socket(select.POLLIN)
