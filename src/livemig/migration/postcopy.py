@@ -367,13 +367,7 @@ def _postcopy_send(ms: MigrationState) -> None:
         pc.wake.clear()
         savevm.qemu_savevm_state_iterate(ms.savevm, f, postcopy=True)
     savevm.qemu_savevm_state_complete_postcopy(ms.savevm, f)
-    ms.channel.finish()
-    ms._mark("src-postcopy-sent")
-    if ms.rp is not None:
-        ms.rp.wait_shut(ms.check)
-        ms._mark("src-return-path-shut")
-    ms.check()
-    end = ms.clock()
+    end = ms._await_destination("src-postcopy-sent")
     ms.times.end = end
     ms.machine.set_runstate(RunState.POSTMIGRATE)
     ms._set(S.POSTCOPY_ACTIVE, S.COMPLETED)

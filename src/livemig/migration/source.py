@@ -547,13 +547,7 @@ class MigrationState(AnnouncesStatus):
             self.multifd.finish()          # every page packet is out before the devices
         self._mark("src-iterable-saved")
         savevm.qemu_savevm_state_complete_precopy_non_iterable(self.savevm, f)
-        self.channel.finish()       # exec: the command got it all and exited 0
-        self._mark("src-non-iterable-saved")
-        if self.rp is not None:
-            self.rp.wait_shut(self.check)
-            self._mark("src-return-path-shut")
-        self.check()
-        end = self.clock()
+        end = self._await_destination("src-non-iterable-saved")
         self._mark("src-downtime-end")
         st = self.stats
         st.downtime_ms = ms(end - self.times.downtime_start)
@@ -567,6 +561,19 @@ class MigrationState(AnnouncesStatus):
         if not self._set(S.DEVICE, S.COMPLETED):
             # Cancelled at the last moment: _finish restarts the guest from here.
             self.machine.set_runstate(RunState.FINISH_MIGRATE)
+
+    def _await_destination(self, sent_mark: str) -> float:
+        """The stream's end: flush the channel (exec: the command got it all and
+        exited 0), mark ``sent_mark``, wait for the destination's SHUT on the
+        return path; the time it all ended."""
+        assert self.channel is not None
+        self.channel.finish()
+        self._mark(sent_mark)
+        if self.rp is not None:
+            self.rp.wait_shut(self.check)
+            self._mark("src-return-path-shut")
+        self.check()
+        return self.clock()
 
     def transferred(self) -> int:
         """All bytes sent: main channel plus multifd channels (QEMU's transferred)."""
