@@ -81,13 +81,15 @@ def _copy_iovec(iov: np.ndarray, flat: np.ndarray, *, to_flat: bool) -> None:
             mem_rows[bases[sel] - lo] = flat_rows[starts[sel]]
 
 
-def gather_iovec(iov: np.ndarray) -> np.ndarray:
-    """The bytes an ``IOVEC`` array describes, copied in order into one uint8 array."""
+def gather_iovec(iov: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The bytes an ``IOVEC`` array describes, copied in order into one uint8
+    array: the front of ``out`` when given (it must be large enough)."""
     if iov.dtype != IOVEC or iov.ndim != 1:
         raise ValueError("gather_iovec takes a 1-D IOVEC array")
-    out = np.empty(int(iov["len"].sum()), np.uint8)
-    _copy_iovec(iov, out, to_flat=True)
-    return out
+    n = int(iov["len"].sum())
+    flat = np.empty(n, np.uint8) if out is None else out[:n]
+    _copy_iovec(iov, flat, to_flat=True)
+    return flat
 
 
 # TLS cannot scatter-gather, so page batches are copied into one buffer before
@@ -214,9 +216,7 @@ class TlsChannel(Channel):
             n = int(part["len"].sum())
             if self._gather_buf.size < n:
                 self._gather_buf = np.empty(n, np.uint8)
-            flat = self._gather_buf[:n]
-            _copy_iovec(part, flat, to_flat=True)
-            self.sendall(flat)
+            self.sendall(gather_iovec(part, self._gather_buf))
 
     def recv_iovec(self, iov: np.ndarray, *, total: int | None = None) -> int:
         """Decrypt into one buffer, then scatter it where ``iov`` points (guest RAM)."""
